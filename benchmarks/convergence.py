@@ -1,0 +1,489 @@
+"""Convergence benchmark: eval loss vs bytes on the wire for each DDP comm mode, side by side.
+
+For every workload (``digits``, ``transformer``) and comm mode (``none``, ``fp16``, ``powersgd1``,
+``powersgd4``, ``vsa-ternary``, ``vsa-sign``, ``vsa-int2``) and seed, 2 ranks on gloo (CPU, one
+thread each) train the same model on the same batches with AdamW for a fixed number of steps. Per
+mode it reports bytes per step per rank, the ratio to fp32 all-reduce, the final eval loss (mean of
+the seeds), its gap to ``none`` and the training wall time; it writes JSON (machine, versions,
+settings, per-seed results and eval curves) and a PNG of the eval curves.
+
+Usage::
+
+    python benchmarks/convergence.py                      # full run, ~15 min on 2 cores
+    python benchmarks/convergence.py --quick              # smoke test, about a minute
+    python benchmarks/convergence.py --workloads transformer --modes none,fp16,vsa-int2 --seeds 0
+
+Each (workload, mode) runs in fresh processes (so a crash or a hang costs one row, not the run):
+collectives time out after ``--collective-timeout`` seconds, and the parent kills a group that
+sends no progress for ``--stall-timeout`` seconds. The ``vsa-*`` rows are skipped, with a note,
+while ``tritter_comm.hooks`` does not import.
+
+Bytes: analytic for none/fp16/PowerSGD (ring all-reduce, ``2 (N-1)/N`` times the payload, PowerSGD
+after its warm-up steps); for the VSA hook, measured by the hook's ``stats()`` over the second half
+of training (``bytes_per_step_run_mean`` in the JSON includes the warm-up steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import platform
+import queue as _queue
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:  # run as a script: make `benchmarks` (and tritter_comm) importable
+    sys.path.insert(0, str(_ROOT))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+
+from benchmarks import comm, workloads  # noqa: E402
+
+DEFAULT_WORKLOADS = ("digits", "transformer")
+DEFAULT_MODES = comm.MODES
+DEFAULT_SEEDS = (0, 1, 2)
+# Chosen so that the full default run takes about 15 minutes on 2 shared CPU cores.
+DEFAULT_STEPS = {"digits": 300, "transformer": 300}
+QUICK_STEPS = {"digits": 30, "transformer": 30}
+DEFAULT_OUT = _ROOT / "benchmarks" / "results" / "convergence.json"
+
+
+@dataclass(frozen=True)
+class Task:
+    """One (workload, mode) row: what every rank of one process group runs."""
+
+    workload: str
+    mode: str
+    seeds: tuple[int, ...]
+    steps: int
+    world: int = 2
+    size: str = "small"
+    warmup_frac: float = 0.05  # linear lr warm-up, then cosine decay to final_lr_frac * lr
+    final_lr_frac: float = 0.1
+    weight_decay: float = 0.01
+    eval_points: int = 10  # eval-loss curve resolution (rank 0; not counted in wall time)
+    collective_timeout_s: float = 120.0
+    hook_options: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------ one rank
+
+
+def _lr_lambda(task: Task):
+    warmup = max(1, int(task.warmup_frac * task.steps))
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, task.steps - warmup)
+        return task.final_lr_frac + (1 - task.final_lr_frac) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+def _param_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _bucket_sizes(ddp: DDP) -> list[int] | None:
+    """Bucket sizes in bytes as DDP reports them (a private API: None if it changed)."""
+    try:
+        sizes = str(ddp._get_ddp_logging_data().get("bucket_sizes", ""))
+        return [int(x) for x in sizes.split(",") if x.strip()]
+    except Exception:
+        return None
+
+
+def _train_one(rank: int, task: Task, seed: int, q: Any) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    w = workloads.build(task.workload, seed=seed, size=task.size)
+    ddp = DDP(w.model, bucket_cap_mb=comm.bucket_cap_mb_for(task.mode))
+    options = dict(task.hook_options)
+    if task.mode in comm.POWERSGD_RANKS or task.mode in comm.VSA_MODES:
+        options.setdefault("seed", seed)
+    state = comm.register(ddp, task.mode, **options)
+    opt = torch.optim.AdamW(ddp.parameters(), lr=w.lr, weight_decay=task.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(task))
+    eval_at = {round(task.steps * (i + 1) / task.eval_points) for i in range(task.eval_points)}
+    half = task.steps // 2
+    curve: list[tuple[int, float]] = []
+    train_losses: list[float] = []
+    snapshot = None
+    train_s = 0.0
+    dist.barrier()
+    for step in range(task.steps):
+        t0 = time.perf_counter()
+        loss = w.loss(ddp, w.batch(rank, task.world, step))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        train_s += time.perf_counter() - t0
+        train_losses.append(loss.item())
+        if step + 1 == half and hasattr(state, "stats"):
+            snapshot = dict(state.stats())
+        if rank == 0 and step + 1 in eval_at:
+            curve.append((step + 1, w.eval_loss(ddp)))
+        if (step + 1) % 50 == 0:
+            q.put(("beat", rank))
+    dist.barrier()
+    out: dict[str, Any] = {
+        "seed": seed,
+        "rank": rank,
+        "train_s": train_s,
+        "param_sha256": _param_digest(ddp.module),
+        "ddp_bucket_bytes": _bucket_sizes(ddp),
+    }
+    if rank == 0:
+        fp32 = comm.fp32_allreduce_bytes(ddp)
+        out.update(
+            eval_loss=curve[-1][1] if curve and curve[-1][0] == task.steps else w.eval_loss(ddp),
+            eval_curve=curve,
+            train_loss_last10=sum(train_losses[-10:]) / len(train_losses[-10:]),
+            fp32_bytes_per_step=fp32,
+            bytes_per_step=comm.bytes_per_step(task.mode, ddp, state, since=snapshot),
+            workload_info=w.info,
+        )
+        if task.mode in comm.POWERSGD_RANKS:  # vanilla all-reduce during PowerSGD's warm-up
+            start = min(task.steps, state.start_powerSGD_iter)
+            out["bytes_per_step_run_mean"] = (
+                start * fp32 + (task.steps - start) * out["bytes_per_step"]
+            ) / task.steps
+        elif hasattr(state, "stats"):
+            out["bytes_per_step_run_mean"] = comm.bytes_per_step(task.mode, ddp, state)
+            out["hook_stats"] = {
+                k: v for k, v in state.stats().items() if isinstance(v, (int, float, str, bool))
+            }
+        else:
+            out["bytes_per_step_run_mean"] = out["bytes_per_step"]
+    return out
+
+
+def _worker(rank: int, task: Task, init_method: str, q: Any) -> None:
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=init_method,
+            rank=rank,
+            world_size=task.world,
+            timeout=_dt.timedelta(seconds=task.collective_timeout_s),
+        )
+        try:
+            for seed in task.seeds:
+                q.put(("result", rank, _train_one(rank, task, seed, q)))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        q.put(("error", rank, traceback.format_exc()))
+
+
+# ------------------------------------------------------------------------------- process groups
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_task(task: Task, *, stall_timeout_s: float) -> dict[str, Any]:
+    """Run one row in ``task.world`` fresh processes; return its results or its error."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    init_method = f"tcp://127.0.0.1:{_free_port()}"
+    procs = [
+        ctx.Process(target=_worker, args=(r, task, init_method, q), daemon=True)
+        for r in range(task.world)
+    ]
+    for p in procs:
+        p.start()
+    per_seed: dict[int, dict[int, dict[str, Any]]] = {s: {} for s in task.seeds}
+    expected = len(task.seeds) * task.world
+    received, error = 0, None
+    last = time.monotonic()
+    while received < expected and error is None:
+        try:
+            msg = q.get(timeout=5)
+        except _queue.Empty:
+            if time.monotonic() - last > stall_timeout_s:
+                error = f"no progress for {stall_timeout_s:.0f} s (hang?)"
+            elif any(p.exitcode not in (None, 0) for p in procs):
+                error = "a rank exited: " + ", ".join(f"rank {i} exit {p.exitcode}" for i, p in enumerate(procs))
+            continue
+        last = time.monotonic()
+        if msg[0] == "result":
+            per_seed[msg[2]["seed"]][msg[1]] = msg[2]
+            received += 1
+        elif msg[0] == "error":
+            error = f"rank {msg[1]}:\n{msg[2]}"
+    for p in procs:
+        p.join(timeout=10 if error is None else 1)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
+    if error is not None:
+        return {"workload": task.workload, "mode": task.mode, "error": error}
+    return _summarize(task, per_seed)
+
+
+def _summarize(task: Task, per_seed: dict[int, dict[int, dict[str, Any]]]) -> dict[str, Any]:
+    seeds = []
+    for seed in task.seeds:
+        ranks = per_seed[seed]
+        r0 = dict(ranks[0])
+        r0["replicas_identical"] = len({r["param_sha256"] for r in ranks.values()}) == 1
+        r0["train_s_max_rank"] = max(r["train_s"] for r in ranks.values())
+        seeds.append(r0)
+    losses = [s["eval_loss"] for s in seeds]
+    return {
+        "workload": task.workload,
+        "mode": task.mode,
+        "steps": task.steps,
+        "bytes_per_step": seeds[0]["bytes_per_step"],
+        "bytes_per_step_run_mean": seeds[0]["bytes_per_step_run_mean"],
+        "fp32_bytes_per_step": seeds[0]["fp32_bytes_per_step"],
+        "ratio_vs_fp32": seeds[0]["fp32_bytes_per_step"] / seeds[0]["bytes_per_step"],
+        "eval_loss_mean": statistics.fmean(losses),
+        "eval_loss_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+        "wall_s_median": statistics.median(s["train_s"] for s in seeds),
+        "replicas_identical": all(s["replicas_identical"] for s in seeds),
+        "workload_info": seeds[0].pop("workload_info"),
+        "seeds": [{k: v for k, v in s.items() if k != "workload_info"} for s in seeds],
+    }
+
+
+# ------------------------------------------------------------------------------------- reporting
+
+
+def _fmt_bytes(b: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if b < 1000 or unit == "GB":
+            return f"{b:.1f} {unit}" if unit != "B" else f"{b:.0f} B"
+        b /= 1000
+    raise AssertionError
+
+
+def format_table(workload: str, rows: list[dict[str, Any]]) -> str:
+    """A markdown table of one workload's rows (errors and skips listed below it)."""
+    ok = [r for r in rows if "error" not in r and "skipped" not in r]
+    base = next((r for r in ok if r["mode"] == "none"), None)
+    lines = []
+    if ok:
+        info = ok[0]["workload_info"]
+        n_seeds = len(ok[0]["seeds"])
+        lines.append(f"### {workload}: {info['params']:,} params, {ok[0]['steps']} steps, {n_seeds} seed(s)")
+        lines.append("")
+    header = ("mode", "bytes/step/rank", "vs fp32", "eval loss", "gap", "wall s", "replicas")
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 2) + [":---:"]) + "|")
+    for r in ok:
+        gap = (
+            f"{100 * (r['eval_loss_mean'] - base['eval_loss_mean']) / base['eval_loss_mean']:+.2f}%"
+            if base is not None
+            else "n/a"
+        )
+        loss = f"{r['eval_loss_mean']:.4f}"
+        if len(r["seeds"]) > 1:
+            loss += f" ± {r['eval_loss_std']:.4f}"
+        lines.append(
+            "| " + " | ".join((
+                r["mode"], _fmt_bytes(r["bytes_per_step"]), f"{r['ratio_vs_fp32']:.1f}x", loss, gap,
+                f"{r['wall_s_median']:.1f}", "identical" if r["replicas_identical"] else "DIFFER",
+            )) + " |"
+        )  # fmt: skip
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"\nskipped {r['mode']}: {r['skipped']}")
+        elif "error" in r:
+            first = r["error"].strip().splitlines()
+            lines.append(f"\nFAILED {r['mode']}: {first[-1] if first else '?'}")
+    return "\n".join(lines)
+
+
+def _machine() -> dict[str, Any]:
+    def version(mod: str) -> str | None:
+        try:
+            return __import__(mod).__version__
+        except Exception:
+            return None
+
+    try:
+        git = subprocess.run(
+            ["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=_ROOT, capture_output=True, text=True, timeout=10
+        )
+        commit = git.stdout.strip() if git.returncode == 0 else None
+    except Exception:
+        commit = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+    except OSError:
+        cpu = None
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_model": cpu or platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": version("numpy"),
+        "sklearn": version("sklearn"),
+        "tritter_comm": version("tritter_comm"),
+        "git_commit": commit,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _plot(results: list[dict[str, Any]], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    names = list(dict.fromkeys(r["workload"] for r in results if "seeds" in r))
+    if not names:
+        return False
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for r in results:
+            if r["workload"] != name or "seeds" not in r:
+                continue
+            curves = [s["eval_curve"] for s in r["seeds"]]
+            xs = [x for x, _ in curves[0]]
+            ys = [statistics.fmean(c[i][1] for c in curves) for i in range(len(xs))]
+            ax.plot(xs, ys, marker=".", label=f"{r['mode']} ({r['ratio_vs_fp32']:.1f}x)")
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("eval loss (mean of seeds)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _parse_steps(text: str, names: list[str]) -> dict[str, int]:
+    """``"300"`` (every workload) or ``"digits=300,transformer=400"``."""
+    if "=" not in text:
+        return {n: int(text) for n in names}
+    steps = {}
+    for item in _csv(text):
+        k, _, v = item.partition("=")
+        steps[k.strip()] = int(v)
+    return steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS), help="comma-separated")
+    ap.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated of {', '.join(comm.MODES)}")
+    ap.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), help="comma-separated ints")
+    ap.add_argument("--steps", default=None, help="N or name=N,... (default: " + ",".join(f"{k}={v}" for k, v in DEFAULT_STEPS.items()) + ")")
+    ap.add_argument("--quick", action="store_true", help=f"smoke test: {QUICK_STEPS} steps, seed 0 only")
+    ap.add_argument("--world", type=int, default=2, help="ranks per run (default 2)")
+    ap.add_argument("--size", default="small", choices=workloads.SIZES)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON path (a PNG goes beside it)")
+    ap.add_argument("--collective-timeout", type=float, default=120.0, help="seconds before a collective fails")
+    ap.add_argument("--stall-timeout", type=float, default=300.0, help="seconds without progress before a row is killed")
+    args = ap.parse_args(argv)  # fmt: skip
+
+    names = _csv(args.workloads)
+    modes = _csv(args.modes)
+    for n in names:
+        if n not in workloads.NAMES:
+            ap.error(f"unknown workload {n!r}; choose from {', '.join(workloads.NAMES)}")
+    for m in modes:
+        if m not in comm.MODES:
+            ap.error(f"unknown mode {m!r}; choose from {', '.join(comm.MODES)}")
+    seeds = tuple(int(s) for s in _csv(args.seeds))
+    steps = dict(QUICK_STEPS if args.quick else DEFAULT_STEPS)
+    if args.quick and args.seeds == ",".join(map(str, DEFAULT_SEEDS)):
+        seeds = seeds[:1]
+    if args.steps:
+        steps.update(_parse_steps(args.steps, names))
+
+    # One thread per rank (ranks share the cores); children inherit the environment at spawn.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
+    vsa_ok, vsa_why = comm.vsa_available()
+    results: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    for name in names:
+        rows = []
+        for mode in modes:
+            if mode in comm.VSA_MODES and not vsa_ok:
+                row = {"workload": name, "mode": mode, "skipped": f"tritter_comm.hooks unavailable ({vsa_why})"}
+                print(f"[{name}] {mode}: skipped ({vsa_why})", flush=True)
+            else:
+                task = Task(workload=name, mode=mode, seeds=seeds, steps=steps[name], world=args.world,
+                            size=args.size, collective_timeout_s=args.collective_timeout)  # fmt: skip
+                t0 = time.perf_counter()
+                row = run_task(task, stall_timeout_s=args.stall_timeout)
+                row["row_wall_s"] = time.perf_counter() - t0
+                if "error" in row:
+                    print(f"[{name}] {mode}: FAILED after {row['row_wall_s']:.0f} s\n{row['error']}", flush=True)
+                else:
+                    print(f"[{name}] {mode}: eval {row['eval_loss_mean']:.4f}, "
+                          f"bytes {row['ratio_vs_fp32']:.1f}x below fp32, {row['row_wall_s']:.0f} s", flush=True)  # fmt: skip
+            rows.append(row)
+        results.extend(rows)
+        print("\n" + format_table(name, rows) + "\n", flush=True)
+    total_s = time.perf_counter() - t_start
+
+    report = {
+        "benchmark": "convergence",
+        "machine": _machine(),
+        "settings": {
+            "workloads": names, "modes": modes, "seeds": list(seeds), "steps": {n: steps[n] for n in names},
+            "world": args.world, "size": args.size, "backend": "gloo", "threads_per_rank": 1,
+            "optimizer": "AdamW", "task_defaults": {k: v for k, v in asdict(Task("", "", (), 0)).items()
+                                                    if k not in ("workload", "mode", "seeds", "steps")},
+            "powersgd": {"start_iter": comm.POWERSGD_START_ITER,
+                         "min_compression_rate": comm.POWERSGD_MIN_COMPRESSION_RATE, "buckets": 1},
+            "quick": args.quick,
+        },
+        "total_wall_s": total_s,
+        "results": results,
+    }  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    plotted = _plot(results, args.out.with_suffix(".png"))
+    print(f"total {total_s:.0f} s; wrote {args.out}" + (f" and {args.out.with_suffix('.png')}" if plotted else ""))
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

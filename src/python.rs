@@ -1,0 +1,291 @@
+//! The thin PyO3 layer: `tritter_comm._native`. Arrays arrive zero-copy from numpy (CPU torch
+//! tensors are viewed as numpy arrays; f16/bf16 as u16). All O(n) work runs with the GIL
+//! released, on a rayon pool of the requested size.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use half::f16;
+use half::slice::HalfBitsSliceExt;
+use numpy::{PyReadonlyArray1, PyReadwriteArray1};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use crate::codec::{self, CodecError, Layout, Mode, Params};
+use crate::elem::Elem;
+use crate::simd;
+
+impl From<CodecError> for PyErr {
+    fn from(e: CodecError) -> PyErr {
+        PyValueError::new_err(e.to_string())
+    }
+}
+
+fn pool(threads: usize) -> Result<Arc<rayon::ThreadPool>, CodecError> {
+    static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
+    let mut pools = POOLS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(p) = pools.get(&threads) {
+        return Ok(p.clone());
+    }
+    let p = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("tritter-comm-{i}"))
+        .build()
+        .map_err(|_| CodecError::Corrupt("could not start the thread pool"))?;
+    let p = Arc::new(p);
+    pools.insert(threads, p.clone());
+    Ok(p)
+}
+
+/// Run `f` without the GIL, on `threads` threads (0: rayon's global pool), mapping errors.
+fn run<R: Send>(
+    py: Python<'_>,
+    threads: usize,
+    f: impl FnOnce() -> Result<R, CodecError> + Send,
+) -> PyResult<R> {
+    py.detach(|| {
+        if threads == 0 {
+            f()
+        } else {
+            pool(threads)?.install(f)
+        }
+    })
+    .map_err(PyErr::from)
+}
+
+fn params(mode: u8, block_log2: u8, seed: u64, stream: u64) -> PyResult<Params> {
+    let mode = Mode::from_u8(mode).ok_or(CodecError::BadMode(mode))?;
+    Ok(Params {
+        mode,
+        block_log2,
+        seed,
+        stream,
+    })
+}
+
+fn contiguous<'a, T: numpy::Element>(
+    a: &'a PyReadonlyArray1<'_, T>,
+    what: &str,
+) -> PyResult<&'a [T]> {
+    a.as_slice()
+        .map_err(|_| PyValueError::new_err(format!("{what} must be contiguous")))
+}
+
+fn contiguous_mut<'a, T: numpy::Element>(
+    a: &'a mut PyReadwriteArray1<'_, T>,
+    what: &str,
+) -> PyResult<&'a mut [T]> {
+    a.as_slice_mut()
+        .map_err(|_| PyValueError::new_err(format!("{what} must be contiguous")))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn encode_any<T: Elem, S: numpy::Element>(
+    py: Python<'_>,
+    x: PyReadonlyArray1<'_, S>,
+    mut out: PyReadwriteArray1<'_, u8>,
+    residual: Option<PyReadwriteArray1<'_, S>>,
+    p: Params,
+    threads: usize,
+    check_finite: bool,
+    cast: impl Fn(&[S]) -> &[T],
+    cast_mut: impl Fn(&mut [S]) -> &mut [T],
+) -> PyResult<()> {
+    let x = cast(contiguous(&x, "x")?);
+    let out = contiguous_mut(&mut out, "out")?;
+    match residual {
+        Some(mut r) => {
+            let r = cast_mut(contiguous_mut(&mut r, "residual")?);
+            run(py, threads, || {
+                codec::encode(x, Some(r), &p, out, check_finite)
+            })
+        }
+        None => run(py, threads, || {
+            codec::encode(x, None, &p, out, check_finite)
+        }),
+    }
+}
+
+fn decode_any<T: Elem, S: numpy::Element>(
+    py: Python<'_>,
+    body: PyReadonlyArray1<'_, u8>,
+    mut out: PyReadwriteArray1<'_, S>,
+    p: Params,
+    threads: usize,
+    cast_mut: impl Fn(&mut [S]) -> &mut [T],
+) -> PyResult<()> {
+    let body = contiguous(&body, "payload body")?;
+    let out = cast_mut(contiguous_mut(&mut out, "out")?);
+    run(py, threads, || codec::decode(body, &p, out))
+}
+
+/// Encode a float32 vector into `out` (`body_nbytes` bytes); with `residual`, encode
+/// `x + residual` and leave the new residual in it.
+#[pyfunction]
+#[pyo3(signature = (x, out, mode, block_log2, seed, stream, residual=None, threads=0, check_finite=true))]
+#[allow(clippy::too_many_arguments)]
+fn encode_f32(
+    py: Python<'_>,
+    x: PyReadonlyArray1<'_, f32>,
+    out: PyReadwriteArray1<'_, u8>,
+    mode: u8,
+    block_log2: u8,
+    seed: u64,
+    stream: u64,
+    residual: Option<PyReadwriteArray1<'_, f32>>,
+    threads: usize,
+    check_finite: bool,
+) -> PyResult<()> {
+    let p = params(mode, block_log2, seed, stream)?;
+    encode_any::<f32, f32>(py, x, out, residual, p, threads, check_finite, |s| s, |s| s)
+}
+
+/// Encode a float16 (`half=False`) or bfloat16 (`half=True`) vector given as its u16 bits.
+#[pyfunction]
+#[pyo3(signature = (x, out, bf16, mode, block_log2, seed, stream, residual=None, threads=0, check_finite=true))]
+#[allow(clippy::too_many_arguments)]
+fn encode_u16(
+    py: Python<'_>,
+    x: PyReadonlyArray1<'_, u16>,
+    out: PyReadwriteArray1<'_, u8>,
+    bf16: bool,
+    mode: u8,
+    block_log2: u8,
+    seed: u64,
+    stream: u64,
+    residual: Option<PyReadwriteArray1<'_, u16>>,
+    threads: usize,
+    check_finite: bool,
+) -> PyResult<()> {
+    let p = params(mode, block_log2, seed, stream)?;
+    if bf16 {
+        encode_any::<half::bf16, u16>(
+            py,
+            x,
+            out,
+            residual,
+            p,
+            threads,
+            check_finite,
+            |s| s.reinterpret_cast::<half::bf16>(),
+            |s| s.reinterpret_cast_mut::<half::bf16>(),
+        )
+    } else {
+        encode_any::<f16, u16>(
+            py,
+            x,
+            out,
+            residual,
+            p,
+            threads,
+            check_finite,
+            |s| s.reinterpret_cast::<f16>(),
+            |s| s.reinterpret_cast_mut::<f16>(),
+        )
+    }
+}
+
+/// Decode a payload body into a float32 vector `out`.
+#[pyfunction]
+#[pyo3(signature = (body, out, mode, block_log2, seed, stream, threads=0))]
+#[allow(clippy::too_many_arguments)]
+fn decode_f32(
+    py: Python<'_>,
+    body: PyReadonlyArray1<'_, u8>,
+    out: PyReadwriteArray1<'_, f32>,
+    mode: u8,
+    block_log2: u8,
+    seed: u64,
+    stream: u64,
+    threads: usize,
+) -> PyResult<()> {
+    let p = params(mode, block_log2, seed, stream)?;
+    decode_any::<f32, f32>(py, body, out, p, threads, |s| s)
+}
+
+/// Decode a payload body into a float16 or bfloat16 vector given as u16 bits.
+#[pyfunction]
+#[pyo3(signature = (body, out, bf16, mode, block_log2, seed, stream, threads=0))]
+#[allow(clippy::too_many_arguments)]
+fn decode_u16(
+    py: Python<'_>,
+    body: PyReadonlyArray1<'_, u8>,
+    out: PyReadwriteArray1<'_, u16>,
+    bf16: bool,
+    mode: u8,
+    block_log2: u8,
+    seed: u64,
+    stream: u64,
+    threads: usize,
+) -> PyResult<()> {
+    let p = params(mode, block_log2, seed, stream)?;
+    if bf16 {
+        decode_any::<half::bf16, u16>(py, body, out, p, threads, |s| {
+            s.reinterpret_cast_mut::<half::bf16>()
+        })
+    } else {
+        decode_any::<f16, u16>(py, body, out, p, threads, |s| {
+            s.reinterpret_cast_mut::<f16>()
+        })
+    }
+}
+
+/// Bytes of the body (scales and packed blocks) of a vector of `n` elements.
+#[pyfunction]
+fn body_nbytes(n: usize, mode: u8, block_log2: u8) -> PyResult<usize> {
+    let mode = Mode::from_u8(mode).ok_or(CodecError::BadMode(mode))?;
+    Ok(Layout::new(n, block_log2, mode)?.body_len())
+}
+
+/// CPU features detected at run time.
+#[pyfunction]
+fn cpu_features() -> Vec<&'static str> {
+    simd::cpu_features()
+}
+
+/// The instruction set the kernels use: "scalar", "avx2" or "avx512".
+#[pyfunction]
+fn simd_level() -> &'static str {
+    simd::level().name()
+}
+
+/// Cap the kernels' instruction set ("scalar", "avx2", "avx512"); returns the level in force.
+#[pyfunction]
+fn set_simd_level(name: &str) -> PyResult<&'static str> {
+    let l = match name {
+        "scalar" => simd::Level::Scalar,
+        "avx2" => simd::Level::Avx2,
+        "avx512" => simd::Level::Avx512,
+        _ => {
+            return Err(PyValueError::new_err(format!(
+                "unknown SIMD level {name:?}"
+            )))
+        }
+    };
+    Ok(simd::set_level(l).name())
+}
+
+/// Threads in rayon's global pool.
+#[pyfunction]
+fn default_threads() -> usize {
+    rayon::current_num_threads()
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("FORMAT_VERSION", 1u8)?;
+    m.add_function(wrap_pyfunction!(encode_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_u16, m)?)?;
+    m.add_function(wrap_pyfunction!(decode_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(decode_u16, m)?)?;
+    m.add_function(wrap_pyfunction!(body_nbytes, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_features, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+    m.add_function(wrap_pyfunction!(set_simd_level, m)?)?;
+    m.add_function(wrap_pyfunction!(default_threads, m)?)?;
+    Ok(())
+}

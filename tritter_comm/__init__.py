@@ -1,0 +1,37 @@
+"""tritter-comm: gradient compression for PyTorch distributed training.
+
+VSA spread (shared random bipolar keys + Walsh-Hadamard) and ternary quantization packed five
+trits a byte, with error feedback, behind DDP and FSDP communication hooks.
+"""
+
+from . import _native
+from .codec import (
+    DEFAULT_BLOCK_SIZE,
+    MODES,
+    Payload,
+    body_nbytes,
+    decode,
+    encode,
+    get_num_threads,
+    set_num_threads,
+)
+
+__version__ = _native.__version__
+
+
+class TritterCommWarning(UserWarning):
+    """Warnings the package itself raises (tests turn them into errors)."""
+
+
+__all__ = [
+    "__version__",
+    "DEFAULT_BLOCK_SIZE",
+    "MODES",
+    "Payload",
+    "TritterCommWarning",
+    "body_nbytes",
+    "decode",
+    "encode",
+    "get_num_threads",
+    "set_num_threads",
+]

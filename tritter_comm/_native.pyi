@@ -1,0 +1,57 @@
+"""Type stubs of the Rust extension ``tritter_comm._native`` (src/python.rs)."""
+
+from typing import Optional
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+FORMAT_VERSION: int
+
+def encode_f32(
+    x: npt.NDArray[np.float32],
+    out: npt.NDArray[np.uint8],
+    mode: int,
+    block_log2: int,
+    seed: int,
+    stream: int,
+    residual: Optional[npt.NDArray[np.float32]] = None,
+    threads: int = 0,
+    check_finite: bool = True,
+) -> None: ...
+def encode_u16(
+    x: npt.NDArray[np.uint16],
+    out: npt.NDArray[np.uint8],
+    bf16: bool,
+    mode: int,
+    block_log2: int,
+    seed: int,
+    stream: int,
+    residual: Optional[npt.NDArray[np.uint16]] = None,
+    threads: int = 0,
+    check_finite: bool = True,
+) -> None: ...
+def decode_f32(
+    body: npt.NDArray[np.uint8],
+    out: npt.NDArray[np.float32],
+    mode: int,
+    block_log2: int,
+    seed: int,
+    stream: int,
+    threads: int = 0,
+) -> None: ...
+def decode_u16(
+    body: npt.NDArray[np.uint8],
+    out: npt.NDArray[np.uint16],
+    bf16: bool,
+    mode: int,
+    block_log2: int,
+    seed: int,
+    stream: int,
+    threads: int = 0,
+) -> None: ...
+def body_nbytes(n: int, mode: int, block_log2: int) -> int: ...
+def cpu_features() -> list[str]: ...
+def simd_level() -> str: ...
+def set_simd_level(name: str) -> str: ...
+def default_threads() -> int: ...

@@ -1,0 +1,372 @@
+"""Pure-torch codec body, bit-compatible with the Rust codec (docs/FORMAT.md is the contract).
+
+Runs on any device with no host synchronization: every step is a vectorized torch op over a
+``(blocks, L)`` view, full blocks in one batch and the tail block (if any) as a ``(1, T)`` batch.
+Float arithmetic follows the operation order of FORMAT.md literally (butterfly stages in
+ascending ``h``, tree sums by repeated halving, scale formulas op by op), because the Rust codec
+and this one must agree bit for bit. Each torch op here is one IEEE binary32 operation per
+element (no fused multiply-add: eager kernels do not fuse), so do not run this under
+``torch.compile``.
+
+The body is the payload without its 32-byte header: ``4 * nblocks`` bytes of little-endian f32
+scales, then the packed blocks in order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "MODES",
+    "block_sizes",
+    "body_nbytes",
+    "decode_body",
+    "encode_body",
+    "keys",
+    "mix32",
+    "stream_keys",
+]
+
+MODES = {"ternary": 0, "sign": 1, "int2": 2}
+
+_TERNARY, _SIGN, _INT2 = 0, 1, 2
+# Codes per packed byte, by mode.
+_PER_BYTE = {_TERNARY: 5, _SIGN: 8, _INT2: 4}
+
+_M32 = 0xFFFFFFFF
+_MUL1 = 0x7FEB352D
+_MUL2 = 0x846CA68B
+
+
+# --------------------------------------------------------------------------------------------
+# Keys
+# --------------------------------------------------------------------------------------------
+
+
+def mix32(x: int) -> int:
+    """The "lowbias32" hash of C. Wellons on a python int (u32 arithmetic)."""
+    x &= _M32
+    x ^= x >> 16
+    x = (x * _MUL1) & _M32
+    x ^= x >> 15
+    x = (x * _MUL2) & _M32
+    x ^= x >> 16
+    return x
+
+
+def stream_keys(seed: int, stream: int) -> tuple[int, int]:
+    """The per-stream keys ``(k1, k2)`` of a u64 seed and a u64 stream id."""
+    seed &= 0xFFFFFFFFFFFFFFFF
+    stream &= 0xFFFFFFFFFFFFFFFF
+    k1 = mix32((seed & _M32) ^ 0x9E3779B9)
+    k1 = mix32(k1 ^ (seed >> 32))
+    k1 = mix32(k1 ^ (stream & _M32))
+    k1 = mix32(k1 ^ (stream >> 32))
+    k2 = mix32(k1 ^ 0x85EBCA6B)
+    return k1, k2
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``(x * c) mod 2^32`` for int64 tensors holding u32 values, with no int64 overflow.
+
+    The constant is split in 16-bit halves so every intermediate stays below 2^49 (signed int64
+    overflow is undefined behaviour in the C++ kernels, so we do not rely on it wrapping).
+    """
+    lo = x * (c & 0xFFFF)
+    hi = (x * (c >> 16)) & 0xFFFF
+    return (lo + (hi << 16)) & _M32
+
+
+def _mix32_t(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, _MUL1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, _MUL2)
+    return x ^ (x >> 16)
+
+
+def keys(n_padded: int, k1: int, k2: int, device) -> torch.Tensor:
+    """The keys (float32 +-1.0) of padded positions ``0 .. n_padded``."""
+    nw = (n_padded + 31) // 32
+    w = torch.arange(nw, device=device, dtype=torch.int64)
+    w = _mix32_t(w ^ k1)
+    w = _mix32_t((w + k2) & _M32)
+    # Reinterpret as signed int32 arithmetically (exact, no out-of-range conversion); an
+    # arithmetic shift then still yields bit 31 in the low bit.
+    w32 = (w - ((w >> 31) << 32)).to(torch.int32)
+    shifts = torch.arange(32, device=device, dtype=torch.int32)
+    bits = (w32.unsqueeze(1) >> shifts) & 1
+    k = bits.reshape(-1)[:n_padded].to(torch.float32)
+    return k.mul_(-2.0).add_(1.0)  # bit 0 -> +1.0, bit 1 -> -1.0 (exact)
+
+
+# --------------------------------------------------------------------------------------------
+# Sizes
+# --------------------------------------------------------------------------------------------
+
+
+def _check(mode: int, block_log2: int) -> None:
+    if mode not in _PER_BYTE:
+        raise ValueError(f"mode must be 0 (ternary), 1 (sign) or 2 (int2), got {mode!r}")
+    if not 8 <= block_log2 <= 16:
+        raise ValueError(f"block_log2 must be in 8..16, got {block_log2!r}")
+
+
+def _next_pow2(r: int) -> int:
+    return 1 << (r - 1).bit_length()
+
+
+def block_sizes(n: int, block_log2: int) -> tuple[int, int, int]:
+    """``(B, n_full_blocks, T)``: block size, number of full blocks, tail size (0 if none)."""
+    b = 1 << block_log2
+    nfull, r = divmod(n, b)
+    return b, nfull, (_next_pow2(r) if r else 0)
+
+
+def _packed_nbytes(length: int, mode: int) -> int:
+    k = _PER_BYTE[mode]
+    return (length + k - 1) // k
+
+
+def body_nbytes(n: int, mode: int, block_log2: int) -> int:
+    """Length of the body: ``4 * nblocks`` scale bytes plus the packed blocks."""
+    _check(mode, block_log2)
+    b, nfull, t = block_sizes(n, block_log2)
+    nb = nfull + (1 if t else 0)
+    return 4 * nb + nfull * _packed_nbytes(b, mode) + (_packed_nbytes(t, mode) if t else 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Block kernels: every function takes a (nb, L) batch of blocks.
+# --------------------------------------------------------------------------------------------
+
+
+def _wht(z: torch.Tensor) -> torch.Tensor:
+    """Unnormalized Walsh-Hadamard transform of each row, stages h = 1, 2, ..., L/2.
+
+    Takes ownership of ``z`` (uses it as a ping-pong buffer) and returns the result.
+    """
+    nb, length = z.shape
+    if length == 1:
+        return z
+    src, dst = z, torch.empty_like(z)
+    h = 1
+    while h < length:
+        s = src.view(nb, length // (2 * h), 2, h)
+        d = dst.view(nb, length // (2 * h), 2, h)
+        a, b = s[:, :, 0], s[:, :, 1]
+        torch.add(a, b, out=d[:, :, 0])
+        torch.sub(a, b, out=d[:, :, 1])
+        src, dst = dst, src
+        h *= 2
+    return src
+
+
+def _tree_sum(v: torch.Tensor) -> torch.Tensor:
+    """TS of each row: ``v = v[:, :h] + v[:, h:]`` until one column is left. Returns (nb, 1)."""
+    while v.shape[-1] > 1:
+        h = v.shape[-1] // 2
+        v = v[:, :h] + v[:, h:]
+    return v
+
+
+def _int2_sums(a: torch.Tensor, big: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """TS(a * m) and TS(m * m) with m = 3 where ``big`` else 1."""
+    num = _tree_sum(a * torch.where(big, 3.0, 1.0))
+    # TS(m * m) is a sum of 1s and 9s below 2^24: exact in any order, so count instead.
+    den = (length + 8 * big.sum(dim=-1, keepdim=True)).to(torch.float32)
+    return num, den
+
+
+def _quantize(z: torch.Tensor, mode: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 5: returns ``(scale (nb, 1) f32, codes (nb, L) uint8)``."""
+    length = z.shape[-1]
+    a = z.abs()
+    if mode == _TERNARY:
+        thr = 0.75 * (_tree_sum(a) / length)
+        keep = a > thr
+        cnt = keep.sum(dim=-1, keepdim=True).to(torch.float32)
+        num = _tree_sum(torch.where(keep, a, 0.0))  # a * [t != 0], exact
+        # cnt = 0 gives 0/0 = NaN here, replaced by the spec's 0.
+        scale = torch.where(cnt > 0, (num / cnt) / length, 0.0)
+        # c = t + 1: 2 where kept and z > 0, 0 where kept and z < 0 (z != 0 where kept, since
+        # a > thr >= 0), else 1. Computed as 1 + [kept, z > 0] - [kept, z < 0] in uint8.
+        codes = (keep & (z > 0)).to(torch.uint8) + 1 - (keep & (z < 0)).to(torch.uint8)
+    elif mode == _SIGN:
+        scale = (_tree_sum(a) / length) / length
+        codes = (z >= 0).to(torch.uint8)
+    else:
+        thr2 = 0.99142 * (_tree_sum(z * z) / length)
+        big = (z * z) > thr2
+        num, den = _int2_sums(a, big, length)
+        # One Lloyd step: re-split at the midpoint 2 s1 of the levels s1 and 3 s1.
+        big = a > 2.0 * (num / den)
+        num, den = _int2_sums(a, big, length)
+        # 0 / den is already 0 when the numerator is 0 (den >= L > 0).
+        scale = (num / den) / length
+        pos = z >= 0
+        # level -3, -1, +1, +3 -> code 0, 1, 2, 3, i.e. c = 2 [z >= 0] + [[z >= 0] == [m = 3]].
+        codes = pos.to(torch.uint8) * 2 + (pos == big).to(torch.uint8)
+    return scale, codes
+
+
+def _levels(codes: torch.Tensor, mode: int) -> torch.Tensor:
+    """Integer levels (as f32) of codes: ternary c-1, sign 2c-1, int2 2c-3."""
+    c = codes.to(torch.float32)
+    if mode == _TERNARY:
+        return c - 1.0
+    if mode == _SIGN:
+        return 2.0 * c - 1.0
+    return 2.0 * c - 3.0
+
+
+def _dequantize(codes: torch.Tensor, scale: torch.Tensor, key: torch.Tensor, mode: int):
+    """Step 6 in f32: ``xhat = (WHT(level) * scale) * key``."""
+    w = _wht(_levels(codes, mode))
+    return (w * scale) * key
+
+
+def _pow_weights(mode: int, device) -> torch.Tensor:
+    """Weight of each code position inside a byte, as uint8 (made on device: no H2D copy)."""
+    if mode == _TERNARY:
+        return torch.pow(3, torch.arange(5, device=device, dtype=torch.int64)).to(torch.uint8)
+    k = _PER_BYTE[mode]
+    step = 8 // k
+    return torch.pow(2, torch.arange(0, 8, step, device=device, dtype=torch.int64)).to(
+        torch.uint8
+    )
+
+
+def _pack(codes: torch.Tensor, mode: int) -> torch.Tensor:
+    """Pack each row of codes separately; returns (nb, ceil(L/k)) uint8."""
+    nb, length = codes.shape
+    k = _PER_BYTE[mode]
+    nbytes = (length + k - 1) // k
+    if nbytes * k != length:
+        # Codes past L count as 0.
+        pad = codes.new_zeros(nb, nbytes * k - length)
+        codes = torch.cat([codes, pad], dim=1)
+    w = _pow_weights(mode, codes.device)
+    # Every product and partial sum fits in a byte (max 242 ternary, 255 otherwise).
+    return (codes.view(nb, nbytes, k) * w).sum(dim=-1, dtype=torch.uint8)
+
+
+def _unpack(packed: torch.Tensor, length: int, mode: int) -> torch.Tensor:
+    """Inverse of ``_pack``: (nb, nbytes) uint8 -> (nb, L) uint8 codes."""
+    nb, nbytes = packed.shape
+    k = _PER_BYTE[mode]
+    p = packed.unsqueeze(-1)
+    if mode == _TERNARY:
+        w = _pow_weights(mode, packed.device)
+        # A byte above 242 is invalid; its top digit comes out >= 3 (not checked: no host sync).
+        c = torch.div(p, w, rounding_mode="floor") % 3
+    else:
+        bits = 8 // k
+        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+        c = (p >> shifts) & ((1 << bits) - 1)
+    return c.reshape(nb, nbytes * k)[:, :length]
+
+
+# --------------------------------------------------------------------------------------------
+# Body
+# --------------------------------------------------------------------------------------------
+
+
+def encode_body(
+    x: torch.Tensor,
+    *,
+    seed: int,
+    stream: int,
+    mode: int,
+    block_log2: int,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Encode 1-D ``x`` to a uint8 body on ``x.device``.
+
+    With ``residual`` (same shape, dtype and device as ``x``), encodes ``u = f32(x) + f32(e)``
+    and updates ``residual`` in place to ``cast(u - xhat)``.
+    """
+    _check(mode, block_log2)
+    n = x.numel()
+    b, nfull, t = block_sizes(n, block_log2)
+    dev = x.device
+    if n == 0:
+        return torch.empty(0, dtype=torch.uint8, device=dev)
+    u = x.to(torch.float32)
+    if residual is not None:
+        u = u + residual.to(torch.float32)
+    nf = nfull * b
+    k1, k2 = stream_keys(seed, stream)
+    key = keys(nf + t, k1, k2, dev)
+
+    parts = []  # (u block view, key view, element count) per batch
+    if nfull:
+        parts.append((u[:nf].view(nfull, b), key[:nf].view(nfull, b), nf))
+    if t:
+        r = n - nf
+        ut = u.new_zeros(1, t)
+        ut[0, :r] = u[nf:]
+        parts.append((ut, key[nf:].view(1, t), r))
+
+    scales, packed = [], []
+    pos = 0
+    for ub, kb, cnt in parts:
+        z = _wht(ub * kb)
+        scale, codes = _quantize(z, mode)
+        scales.append(scale.reshape(-1))
+        packed.append(_pack(codes, mode).reshape(-1))
+        if residual is not None:
+            xhat = _dequantize(codes, scale, kb, mode)
+            e = (ub - xhat).reshape(-1)[:cnt]
+            residual[pos : pos + cnt].copy_(e)
+        pos += cnt
+
+    scale_bytes = torch.cat(scales).view(torch.uint8)
+    return torch.cat([scale_bytes, *packed])
+
+
+def _scales_view(body: torch.Tensor, nb: int) -> torch.Tensor:
+    s = body[: 4 * nb]
+    if not s.is_contiguous() or s.storage_offset() % 4 != 0 or s.data_ptr() % 4 != 0:
+        s = s.clone()
+    return s.view(torch.float32)
+
+
+def decode_body(
+    body: torch.Tensor,
+    *,
+    n: int,
+    dtype: torch.dtype,
+    seed: int,
+    stream: int,
+    mode: int,
+    block_log2: int,
+) -> torch.Tensor:
+    """Decode a body to a 1-D tensor of length ``n`` and ``dtype`` on ``body.device``."""
+    _check(mode, block_log2)
+    b, nfull, t = block_sizes(n, block_log2)
+    dev = body.device
+    out = torch.empty(n, dtype=dtype, device=dev)
+    if n == 0:
+        return out
+    nb = nfull + (1 if t else 0)
+    nf = nfull * b
+    scales = _scales_view(body, nb)
+    k1, k2 = stream_keys(seed, stream)
+    key = keys(nf + t, k1, k2, dev)
+
+    off = 4 * nb
+    if nfull:
+        pb = _packed_nbytes(b, mode)
+        packed = body[off : off + nfull * pb].view(nfull, pb)
+        codes = _unpack(packed, b, mode)
+        xhat = _dequantize(codes, scales[:nfull].view(nfull, 1), key[:nf].view(nfull, b), mode)
+        out[:nf].copy_(xhat.reshape(-1))
+        off += nfull * pb
+    if t:
+        pt = _packed_nbytes(t, mode)
+        packed = body[off : off + pt].view(1, pt)
+        codes = _unpack(packed, t, mode)
+        xhat = _dequantize(codes, scales[nfull:].view(1, 1), key[nf:].view(1, t), mode)
+        out[nf:].copy_(xhat[0, : n - nf])
+    return out

@@ -1,0 +1,400 @@
+"""The codec's public API: ``encode``, ``decode`` and ``Payload``.
+
+A payload is the VSA-spread, quantized and packed form of one flat float vector
+(docs/FORMAT.md). CPU tensors go through the Rust core (``tritter_comm._native``), other devices
+through the torch implementation (``tritter_comm._torch_codec``); both write the same bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from . import _native
+from . import _torch_codec as _tc
+
+__all__ = [
+    "Payload",
+    "encode",
+    "decode",
+    "body_nbytes",
+    "DEFAULT_BLOCK_SIZE",
+    "MODES",
+    "set_num_threads",
+    "get_num_threads",
+]
+
+FORMAT_VERSION = 1
+MAGIC = b"TVSA"
+_HEADER = struct.Struct("<4sBBBBQQQ")
+HEADER_NBYTES = _HEADER.size  # 32
+
+MODES = {"ternary": 0, "sign": 1, "int2": 2}
+_MODE_NAMES = {v: k for k, v in MODES.items()}
+_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_DTYPE_OF = {v: k for k, v in _DTYPES.items()}
+BACKENDS = ("auto", "rust", "torch")
+
+#: Elements per block. Chosen from benchmarks/codec.py: 1024 costs 0.031 bits/element of scales
+#: (2% of the ternary payload) and keeps every pass of a block in L1; larger blocks were no
+#: faster and smaller ones pay 4x the scale bytes for no gain in error.
+DEFAULT_BLOCK_SIZE = 1024
+
+_U64 = 1 << 64
+_num_threads = 0  # 0: rayon's default pool (all cores)
+
+
+def set_num_threads(n: int) -> None:
+    """Threads the Rust codec uses (0: one per core). Results do not depend on it."""
+    global _num_threads
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"num_threads must be a non-negative int, got {n!r}")
+    _num_threads = n
+
+
+def get_num_threads() -> int:
+    """Threads the Rust codec uses; 0 means rayon's default of one per core."""
+    return _num_threads or _native.default_threads()
+
+
+def _mode_id(mode: str) -> int:
+    try:
+        return MODES[mode]
+    except (KeyError, TypeError):
+        raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}") from None
+
+
+def _block_log2(block_size: Optional[int]) -> int:
+    if block_size is None:
+        block_size = DEFAULT_BLOCK_SIZE
+    if (
+        not isinstance(block_size, int)
+        or isinstance(block_size, bool)
+        or block_size < 256
+        or block_size > 65536
+        or block_size & (block_size - 1)
+    ):
+        raise ValueError(
+            f"block_size must be a power of two from 256 to 65536, got {block_size!r}"
+        )
+    return block_size.bit_length() - 1
+
+
+def _u64(name: str, v: int) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < _U64:
+        raise ValueError(f"{name} must be an int in [0, 2**64), got {v!r}")
+    return v
+
+
+def body_nbytes(n: int, *, mode: str = "ternary", block_size: Optional[int] = None) -> int:
+    """Bytes of the scales and packed codes of an ``n``-element vector (the header excluded)."""
+    return _native.body_nbytes(n, _mode_id(mode), _block_log2(block_size))
+
+
+class Payload:
+    """An encoded vector: a 32-byte header (kept as fields) and a ``uint8`` body tensor.
+
+    ``nbytes`` is exactly ``len(to_bytes())``: what would go on the wire.
+    """
+
+    __slots__ = ("body", "n", "dtype", "mode", "block_size", "seed", "stream")
+
+    def __init__(self, body, *, n, dtype, mode, block_size, seed, stream):
+        self.body: torch.Tensor = body
+        self.n: int = n
+        self.dtype: torch.dtype = dtype
+        self.mode: str = mode
+        self.block_size: int = block_size
+        self.seed: int = seed
+        self.stream: int = stream
+
+    @property
+    def nbytes(self) -> int:
+        return HEADER_NBYTES + self.body.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.body.device
+
+    def _block_log2(self) -> int:
+        return self.block_size.bit_length() - 1
+
+    def header(self) -> bytes:
+        return _HEADER.pack(
+            MAGIC,
+            FORMAT_VERSION,
+            MODES[self.mode],
+            _DTYPES[self.dtype],
+            self._block_log2(),
+            self.n,
+            self.seed,
+            self.stream,
+        )
+
+    def to_bytes(self) -> bytes:
+        return self.header() + self.body.cpu().numpy().tobytes()
+
+    @classmethod
+    def from_bytes(cls, b: Union[bytes, bytearray, memoryview], *, device=None) -> "Payload":
+        """Parse and validate a payload. Anything malformed raises ``ValueError``."""
+        b = bytes(b)
+        if len(b) < HEADER_NBYTES:
+            raise ValueError(f"payload of {len(b)} bytes is shorter than its 32-byte header")
+        magic, version, mode, dtype, blog, n, seed, stream = _HEADER.unpack_from(b)
+        if magic != MAGIC:
+            raise ValueError(f"not a tritter-comm payload (magic {magic!r}, expected {MAGIC!r})")
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"payload format version {version}, this build reads version {FORMAT_VERSION}"
+            )
+        if mode not in _MODE_NAMES:
+            raise ValueError(f"payload has unknown mode {mode}")
+        if dtype not in _DTYPE_OF:
+            raise ValueError(f"payload has unknown dtype code {dtype}")
+        if not 8 <= blog <= 16:
+            raise ValueError(f"payload block size 2^{blog} is outside 256..65536")
+        if not 0 < n <= 1 << 37:
+            raise ValueError(f"payload length {n} is outside 1..2^37")
+        expected = _native.body_nbytes(n, mode, blog)
+        if len(b) - HEADER_NBYTES != expected:
+            raise ValueError(
+                f"payload body is {len(b) - HEADER_NBYTES} bytes, a {n}-element "
+                f"{_MODE_NAMES[mode]} vector needs {expected} (truncated or corrupted)"
+            )
+        body = np.frombuffer(b, dtype=np.uint8, offset=HEADER_NBYTES).copy()
+        if mode == MODES["ternary"]:
+            nb = _tc.block_sizes(n, blog)
+            nblocks = nb[1] + (1 if nb[2] else 0)
+            if body.size > 4 * nblocks and body[4 * nblocks :].max() > 242:
+                raise ValueError("corrupted payload: a packed ternary byte is above 242")
+        t = torch.from_numpy(body)
+        if device is not None:
+            t = t.to(device)
+        return cls(
+            t,
+            n=n,
+            dtype=_DTYPE_OF[dtype],
+            mode=_MODE_NAMES[mode],
+            block_size=1 << blog,
+            seed=seed,
+            stream=stream,
+        )
+
+    def __eq__(self, other):
+        if not isinstance(other, Payload):
+            return NotImplemented
+        return self.header() == other.header() and torch.equal(
+            self.body.cpu(), other.body.cpu()
+        )
+
+    __hash__ = None  # mutable body
+
+    def __repr__(self):
+        return (
+            f"Payload(n={self.n}, dtype={self.dtype}, mode={self.mode!r}, "
+            f"block_size={self.block_size}, seed={self.seed}, stream={self.stream}, "
+            f"nbytes={self.nbytes}, device={self.device})"
+        )
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "rust" if device.type == "cpu" else "torch"
+    if backend == "rust" and device.type != "cpu":
+        raise ValueError(f"the rust backend needs CPU tensors, got a tensor on {device}")
+    return backend
+
+
+def _as_tensor(x) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        if x.dtype == np.float32 or x.dtype == np.float16:
+            return torch.from_numpy(x)
+        raise ValueError(f"x must be float32, float16 or bfloat16, got numpy {x.dtype}")
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a torch.Tensor or numpy array, got {type(x).__name__}")
+    return x
+
+
+def _check_vector(x: torch.Tensor, what: str = "x") -> None:
+    if x.dtype not in _DTYPES:
+        raise ValueError(
+            f"{what} must be float32, float16 or bfloat16, got {x.dtype} "
+            "(non-float tensors are not compressed; send them as they are)"
+        )
+    if x.dim() != 1:
+        raise ValueError(f"{what} must be 1-D, got shape {tuple(x.shape)}; flatten it first")
+    if x.numel() == 0:
+        raise ValueError(f"cannot encode an empty {what}")
+    if not x.is_contiguous():
+        raise ValueError(f"{what} must be contiguous; call .contiguous() first")
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """Zero-copy numpy view of a contiguous CPU tensor; f16/bf16 as uint16 bits."""
+    t = t.detach()
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def _rust_encode(x, out, mode_id, block_log2, seed, stream, residual, check_finite) -> None:
+    r = None if residual is None else _np(residual)
+    if x.dtype == torch.float32:
+        _native.encode_f32(
+            _np(x), out.numpy(), mode_id, block_log2, seed, stream, r, _num_threads, check_finite
+        )
+    else:
+        _native.encode_u16(
+            _np(x),
+            out.numpy(),
+            x.dtype == torch.bfloat16,
+            mode_id,
+            block_log2,
+            seed,
+            stream,
+            r,
+            _num_threads,
+            check_finite,
+        )
+
+
+def _rust_decode(body, out, mode_id, block_log2, seed, stream) -> None:
+    b = body.detach().numpy()
+    if out.dtype == torch.float32:
+        _native.decode_f32(b, out.numpy(), mode_id, block_log2, seed, stream, _num_threads)
+    else:
+        _native.decode_u16(
+            b, _np(out), out.dtype == torch.bfloat16, mode_id, block_log2, seed, stream,
+            _num_threads,
+        )
+
+
+def encode_body_into(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    seed: int,
+    stream: int,
+    mode_id: int,
+    block_log2: int,
+    residual: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    check_finite: bool = True,
+) -> None:
+    """Encode ``x`` into the preallocated ``uint8`` body ``out`` (no validation of ``x``).
+
+    The hooks call this with their buffers; ``encode`` is the checked public form.
+    """
+    if _resolve_backend(backend, x.device) == "rust":
+        _rust_encode(x, out, mode_id, block_log2, seed, stream, residual, check_finite)
+    else:
+        if check_finite:
+            bad = ~torch.isfinite(x).all()
+            if residual is not None:
+                bad |= ~torch.isfinite(residual).all()
+            if bool(bad):
+                raise ValueError("input contains NaN or Inf")
+        out.copy_(
+            _tc.encode_body(
+                x, seed=seed, stream=stream, mode=mode_id, block_log2=block_log2,
+                residual=residual,
+            )
+        )
+
+
+def decode_body_into(
+    body: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    seed: int,
+    stream: int,
+    mode_id: int,
+    block_log2: int,
+    backend: str = "auto",
+) -> None:
+    """Decode ``body`` into the preallocated 1-D float tensor ``out``."""
+    if _resolve_backend(backend, body.device) == "rust":
+        _rust_decode(body, out, mode_id, block_log2, seed, stream)
+    else:
+        out.copy_(
+            _tc.decode_body(
+                body, n=out.numel(), dtype=out.dtype, seed=seed, stream=stream, mode=mode_id,
+                block_log2=block_log2,
+            )
+        )
+
+
+def encode(
+    x,
+    *,
+    seed: int = 0,
+    stream: int = 0,
+    mode: str = "ternary",
+    block_size: Optional[int] = None,
+    residual: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> Payload:
+    """Encode a 1-D float tensor into a :class:`Payload`.
+
+    Args:
+        x: 1-D contiguous float32, float16 or bfloat16 tensor (or numpy array), any device.
+        seed: shared seed of the keys, an int in [0, 2**64). Every rank must use the same.
+        stream: key stream (mix of step and bucket id), an int in [0, 2**64).
+        mode: ``"ternary"`` (1.6 bits/element), ``"sign"`` (1 bit) or ``"int2"`` (2 bits).
+        block_size: Hadamard block, a power of two from 256 to 65536 (default 1024).
+        residual: error-feedback state, a tensor like ``x``. When given, ``x + residual`` is
+            encoded and ``residual`` is updated in place to what the payload does not carry.
+        backend: ``"rust"`` (CPU tensors), ``"torch"`` (any device) or ``"auto"``.
+
+    Raises:
+        ValueError: bad arguments, or NaN/Inf in ``x`` or ``residual`` (nothing is modified).
+    """
+    x = _as_tensor(x)
+    _check_vector(x)
+    mode_id = _mode_id(mode)
+    blog = _block_log2(block_size)
+    seed = _u64("seed", seed)
+    stream = _u64("stream", stream)
+    backend = _resolve_backend(backend, x.device)
+    if residual is not None:
+        residual = _as_tensor(residual)
+        _check_vector(residual, "residual")
+        if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(
+                f"residual must match x: got {tuple(residual.shape)} {residual.dtype} on "
+                f"{residual.device}, x is {tuple(x.shape)} {x.dtype} on {x.device}"
+            )
+        if residual.data_ptr() == x.data_ptr():
+            raise ValueError("residual must not be the same tensor as x")
+    out = torch.empty(_native.body_nbytes(x.numel(), mode_id, blog), dtype=torch.uint8,
+                      device=x.device)
+    encode_body_into(x, out, seed=seed, stream=stream, mode_id=mode_id, block_log2=blog,
+                     residual=residual, backend=backend)
+    return Payload(out, n=x.numel(), dtype=x.dtype, mode=mode, block_size=1 << blog,
+                   seed=seed, stream=stream)
+
+
+def decode(payload: Payload, *, backend: str = "auto") -> torch.Tensor:
+    """Decode a :class:`Payload` into a tensor of its length and dtype, on its device."""
+    if not isinstance(payload, Payload):
+        raise ValueError(f"decode takes a Payload, got {type(payload).__name__}")
+    body = payload.body
+    if not isinstance(body, torch.Tensor) or body.dtype != torch.uint8 or body.dim() != 1:
+        raise ValueError("payload body must be a 1-D uint8 tensor")
+    mode_id = _mode_id(payload.mode)
+    blog = _block_log2(payload.block_size)
+    expected = _native.body_nbytes(payload.n, mode_id, blog)
+    if body.numel() != expected:
+        raise ValueError(
+            f"payload body is {body.numel()} bytes, expected {expected} (truncated or corrupted)"
+        )
+    backend = _resolve_backend(backend, body.device)
+    out = torch.empty(payload.n, dtype=payload.dtype, device=body.device)
+    decode_body_into(body.contiguous(), out, seed=payload.seed, stream=payload.stream,
+                     mode_id=mode_id, block_log2=blog, backend=backend)
+    return out
