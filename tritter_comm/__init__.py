@@ -16,6 +16,8 @@ from .codec import (
     set_num_threads,
 )
 
+from .hooks import VSAState, vsa_hook
+
 __version__ = _native.__version__
 
 
@@ -29,9 +31,11 @@ __all__ = [
     "MODES",
     "Payload",
     "TritterCommWarning",
+    "VSAState",
     "body_nbytes",
     "decode",
     "encode",
     "get_num_threads",
     "set_num_threads",
+    "vsa_hook",
 ]

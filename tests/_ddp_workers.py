@@ -1,0 +1,155 @@
+"""Training loops run inside the spawned ranks of tests/test_ddp_hook.py."""
+
+from __future__ import annotations
+
+import io
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import tritter_comm
+
+
+class Net(nn.Module):
+    """An MLP with an optional branch that gets no gradient (for find_unused_parameters)."""
+
+    def __init__(self, width=256, unused=False, tiny=True, depth=1):
+        super().__init__()
+        hidden = [m for _ in range(depth) for m in (nn.Linear(width, width), nn.ReLU())]
+        self.body = nn.Sequential(nn.Linear(32, width), nn.ReLU(), *hidden,
+                                  nn.Linear(width, 10))
+        # a 3-element parameter: its own tiny bucket when the cap is small
+        self.tiny = nn.Parameter(torch.ones(3)) if tiny else None
+        self.unused = nn.Linear(32, 1000) if unused else None
+
+    def forward(self, x):
+        y = self.body(x)
+        if self.tiny is not None:
+            y = y * self.tiny.mean()
+        return y
+
+
+def _data(rank, step, dtype):
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    w = torch.randn(32, 10, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(64, 32, generator=g)
+    return x.to(dtype), (x @ w).argmax(1)
+
+
+class ByteCounter:
+    """Counts what this rank hands to collectives for other ranks."""
+
+    def __init__(self):
+        self.bytes = 0
+        self._orig = {}
+
+    def __enter__(self):
+        n = dist.get_world_size()
+
+        def a2a(out, inp, *a, **k):
+            self.bytes += inp.numel() * inp.element_size() * (n - 1) // n
+            return self._orig["all_to_all_single"](out, inp, *a, **k)
+
+        def ag(out, inp, *a, **k):
+            if inp.dtype == torch.uint8:  # payloads; the one-off config check is int64
+                self.bytes += inp.numel() * inp.element_size() * (n - 1)
+            return self._orig["all_gather_into_tensor"](out, inp, *a, **k)
+
+        def ar(t, *a, **k):
+            self.bytes += 2 * (n - 1) * t.numel() * t.element_size() // n
+            return self._orig["all_reduce"](t, *a, **k)
+
+        for name, f in (("all_to_all_single", a2a), ("all_gather_into_tensor", ag),
+                        ("all_reduce", ar)):
+            self._orig[name] = getattr(dist, name)
+            setattr(dist, name, f)
+        return self
+
+    def __exit__(self, *exc):
+        for name, f in self._orig.items():
+            setattr(dist, name, f)
+
+
+def train(rank, world, *, steps=30, hook=None, cap=25.0, ddp_kwargs=None, dtype=torch.float32,
+          accumulate=1, count=False, save_at=None, save_path=None, load_path=None,
+          width=256, unused=False, lr=1e-3, manual_seed=0, tiny=True, count_from=0,
+          hook_per_rank=None, depth=1, optim="adamw"):
+    """Train ``Net`` with DDP; ``hook`` is None (DDP's default) or VSAState kwargs."""
+    torch.manual_seed(manual_seed)
+    model = Net(width=width, unused=unused, tiny=tiny, depth=depth).to(dtype)
+    if hook_per_rank is not None:
+        hook = hook_per_rank[rank]
+    ddp = DDP(model, bucket_cap_mb=cap, **(ddp_kwargs or {}))
+    state = None
+    if hook is not None:
+        state = tritter_comm.VSAState(**hook)
+        ddp.register_comm_hook(state, tritter_comm.vsa_hook)
+    # pure-fp16 AdamW divides by an eps that underflows; fp16 runs use SGD
+    opt = (torch.optim.AdamW(ddp.parameters(), lr=lr) if optim == "adamw"
+           else torch.optim.SGD(ddp.parameters(), lr=lr, momentum=0.9))
+    start = 0
+    if load_path is not None:
+        ck = torch.load(load_path, weights_only=True)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        if state is not None:
+            state.load_state_dict(torch.load(f"{load_path}.rank{rank}", weights_only=True))
+        start = ck["step"]
+    losses = []
+    counter = ByteCounter() if count else None
+    stats_at_count = None
+    try:
+        for step in range(start, steps):
+            if counter and step == count_from:
+                counter.__enter__()
+                stats_at_count = state.stats() if state else None
+            if save_at is not None and step == save_at:
+                if rank == 0:
+                    torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                                "step": step}, save_path)
+                if state is not None:  # residuals are per rank
+                    torch.save(state.state_dict(), f"{save_path}.rank{rank}")
+            if save_at is not None and step == save_at:
+                dist.barrier()
+            opt.zero_grad()
+            for micro in range(accumulate):
+                x, y = _data(rank, step * accumulate + micro, dtype)
+                if micro < accumulate - 1:
+                    with ddp.no_sync():
+                        nn.functional.cross_entropy(ddp(x).float(), y).backward()
+                else:
+                    loss = nn.functional.cross_entropy(ddp(x).float(), y)
+                    loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    finally:
+        if counter and counter._orig:
+            counter.__exit__()
+    flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+    out = {"losses": losses, "params": flat.numpy().tobytes(),
+           "stats": state.stats() if state else None,
+           "buckets": len(ddp.reducer._get_zeros_like_grad_buckets()),
+           "counted": counter.bytes if counter else None, "stats_at_count": stats_at_count}
+    if state is not None:
+        buf = io.BytesIO()
+        torch.save(state.state_dict(), buf)
+        out["state_bytes"] = buf.getvalue()
+    return out
+
+
+def eval_grads(rank, world, *, hook, steps=3):
+    """Return each step's synchronized gradient (flat), to compare hook and no hook."""
+    torch.manual_seed(0)
+    model = Net(tiny=False)
+    ddp = DDP(model, bucket_cap_mb=0.05)
+    if hook is not None:
+        ddp.register_comm_hook(tritter_comm.VSAState(**hook), tritter_comm.vsa_hook)
+    grads = []
+    for step in range(steps):
+        x, y = _data(rank, step, torch.float32)
+        ddp.zero_grad()
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]).numpy().tobytes())
+    return grads

@@ -1,0 +1,189 @@
+"""The public codec API: encode, decode, Payload."""
+
+import numpy as np
+import pytest
+import torch
+
+import tritter_comm as tc
+from tritter_comm import _native
+
+BOUNDS = {"ternary": 0.46, "sign": 0.62, "int2": 0.36}
+
+
+def rel_err(x, y):
+    return ((x.double() - y.double()).norm() / x.double().norm()).item()
+
+
+def heavy_tailed(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # Student-t with 2 degrees of freedom: infinite variance, a few huge values
+    z = torch.randn(n, generator=g)
+    chi2 = torch.randn(n, generator=g) ** 2 + torch.randn(n, generator=g) ** 2
+    return z / (chi2 / 2).sqrt()
+
+
+@pytest.mark.parametrize("backend", ["rust", "torch"])
+@pytest.mark.parametrize("mode", list(BOUNDS))
+def test_error_within_mode_bound(mode, backend):
+    x = torch.randn(200_000, generator=torch.Generator().manual_seed(1))
+    y = tc.decode(tc.encode(x, mode=mode, backend=backend), backend=backend)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert rel_err(x, y) < BOUNDS[mode]
+    h = heavy_tailed(200_000)
+    yh = tc.decode(tc.encode(h, mode=mode, backend=backend), backend=backend)
+    # the spread turns each block near-Gaussian, so heavy tails cost no more than Gaussians
+    assert rel_err(h, yh) < BOUNDS[mode]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dtypes_round_trip(dtype):
+    x = torch.randn(10_000).to(dtype)
+    p = tc.encode(x, block_size=256)
+    y = tc.decode(p)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert rel_err(x.float(), y.float()) < BOUNDS["ternary"] + 0.01
+
+
+@pytest.mark.parametrize("mode", list(BOUNDS))
+def test_error_feedback_loses_nothing(mode):
+    n = 5000
+    e = torch.zeros(n)
+    total_in = torch.zeros(n, dtype=torch.float64)
+    total_out = torch.zeros(n, dtype=torch.float64)
+    for step in range(50):
+        x = torch.randn(n, generator=torch.Generator().manual_seed(step))
+        y = tc.decode(tc.encode(x, stream=step, mode=mode, residual=e, block_size=256))
+        total_in += x
+        total_out += y
+    # what was sent plus what is still owed is what came in
+    gap = (total_in - total_out - e.double()).abs().max().item()
+    assert gap < 1e-4 * total_in.abs().max().item()
+    # and the residual stays bounded: it does not accumulate the error of every step
+    assert e.norm() < 2 * torch.randn(n).norm()
+
+
+def test_payload_bytes_round_trip_and_size():
+    x = torch.randn(4097)
+    p = tc.encode(x, seed=7, stream=2**63 + 5, mode="int2", block_size=512)
+    b = p.to_bytes()
+    assert len(b) == p.nbytes == 32 + tc.body_nbytes(4097, mode="int2", block_size=512)
+    q = tc.Payload.from_bytes(b)
+    assert q == p and q.seed == 7 and q.stream == 2**63 + 5
+    assert torch.equal(tc.decode(q), tc.decode(p))
+    # ternary: 1.6 bits an element plus one f32 scale a block, about 20x smaller than fp32
+    big = tc.encode(torch.randn(1 << 20))
+    assert 19.5 < (4 << 20) / big.nbytes < 20.0
+
+
+def test_thread_count_does_not_change_bytes():
+    x = torch.randn(1_000_003)
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            tc.set_num_threads(threads)
+            e = torch.full_like(x, 0.01)
+            p = tc.encode(x, residual=e, block_size=256)
+            outs.append((p.body.clone(), e, tc.decode(p)))
+    finally:
+        tc.set_num_threads(0)
+    for body, e, y in outs[1:]:
+        assert torch.equal(body, outs[0][0]) and torch.equal(e, outs[0][1])
+        assert torch.equal(y, outs[0][2])
+
+
+def test_numpy_input_is_accepted():
+    x = np.random.default_rng(0).standard_normal(3000).astype(np.float32)
+    p = tc.encode(x)
+    assert torch.equal(p.body, tc.encode(torch.from_numpy(x)).body)
+
+
+@pytest.mark.parametrize(
+    "x, kwargs, match",
+    [
+        (torch.empty(0), {}, "empty"),
+        (torch.randn(10, 10)[:, 0], {}, "1-D|contiguous"),
+        (torch.randn(100)[::2], {}, "contiguous"),
+        (torch.randn(4, 4), {}, "1-D"),
+        (torch.arange(10), {}, "float32, float16 or bfloat16"),
+        (torch.tensor([1.0, float("nan")]), {}, "NaN"),
+        (torch.tensor([1.0, float("inf")]), {}, "NaN or Inf"),
+        (torch.randn(10), {"block_size": 100}, "power of two"),
+        (torch.randn(10), {"block_size": 128}, "256 to 65536"),
+        (torch.randn(10), {"block_size": 1 << 17}, "256 to 65536"),
+        (torch.randn(10), {"mode": "binary"}, "mode"),
+        (torch.randn(10), {"backend": "cuda"}, "backend"),
+        (torch.randn(10), {"seed": -1}, "seed"),
+        (torch.randn(10), {"stream": 2**64}, "stream"),
+        (torch.randn(10), {"residual": torch.zeros(11)}, "residual must match"),
+        (torch.randn(10), {"residual": torch.zeros(10, dtype=torch.float64)}, "residual"),
+        ("not a tensor", {}, "torch.Tensor"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["rust", "torch"])
+def test_bad_input_is_a_clear_error(x, kwargs, match, backend):
+    kwargs = {"backend": backend, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        tc.encode(x, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["rust", "torch"])
+def test_nan_leaves_residual_untouched(backend):
+    x = torch.randn(3000)
+    x[2999] = float("nan")
+    e = torch.full((3000,), 0.25)
+    with pytest.raises(ValueError, match="NaN"):
+        tc.encode(x, residual=e, backend=backend)
+    assert torch.equal(e, torch.full((3000,), 0.25))
+
+
+def test_corrupted_payloads_raise_value_error():
+    good = tc.encode(torch.randn(1000), block_size=256).to_bytes()
+    cases = {
+        "short": good[:10],
+        "magic": b"XXXX" + good[4:],
+        "version": good[:4] + bytes([9]) + good[5:],
+        "mode": good[:5] + bytes([7]) + good[6:],
+        "dtype": good[:6] + bytes([9]) + good[7:],
+        "block": good[:7] + bytes([30]) + good[8:],
+        "truncated": good[:-1],
+        "extended": good + b"\0",
+        "length": good[:8] + (10**15).to_bytes(8, "little") + good[16:],
+        "trit": good[:-1] + bytes([255]),
+    }
+    for name, b in cases.items():
+        with pytest.raises(ValueError):
+            tc.Payload.from_bytes(b)
+        # the Rust decoder checks bodies too, for payloads built by hand
+    p = tc.Payload.from_bytes(good)
+    p.body[-1] = 250
+    with pytest.raises(ValueError, match="corrupted"):
+        tc.decode(p, backend="rust")
+    p.body = p.body[:-1]
+    with pytest.raises(ValueError, match="truncated|bytes"):
+        tc.decode(p)
+
+
+def test_random_bytes_never_crash():
+    rng = np.random.default_rng(0)
+    header = tc.encode(torch.randn(300), block_size=256).to_bytes()[:32]
+    tried = 0
+    for _ in range(2000):
+        n = int(rng.integers(0, 200))
+        body = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        for blob in (body, header + body):
+            tried += 1
+            try:
+                p = tc.Payload.from_bytes(blob)
+                tc.decode(p)
+            except ValueError:
+                pass
+    assert tried == 4000
+
+
+def test_info_cli(capsys):
+    from tritter_comm.cli import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "tritter-comm" in out and "rust kernels" in out and _native.simd_level() in out
+    assert tc.__version__ in out

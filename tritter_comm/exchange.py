@@ -1,0 +1,201 @@
+"""The two-phase compressed all-reduce (DESIGN.md, "The exchange"), independent of DDP.
+
+With N ranks a flat vector of D elements is cut into N block-aligned chunks of C elements (the
+last ones shorter or empty). Each chunk's payload body travels in a slot of S bytes, the body
+size of a full chunk, so every collective has equal splits.
+
+1. every rank encodes its N chunks (client residual) and ``all_to_all``s them: chunk c to rank c;
+2. rank c decodes the N bodies of its chunk, sums them in rank order, divides by N, adds its
+   server residual and re-encodes;
+3. ``all_gather`` of the re-encoded chunks; every rank decodes all of them.
+
+Every rank decodes the same bytes, so every rank ends with the same result, bit for bit. Each
+rank sends ``2 (N-1) S`` bytes: the scaling of a ring all-reduce at 1.6 bits an element.
+
+A rank whose input holds NaN or Inf sends bodies whose scales are NaN (its residual untouched);
+the owner's average is then NaN, it sends NaN scales on, and every rank decodes a NaN chunk, so
+``GradScaler`` sees the overflow everywhere in the same step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Optional
+
+import torch
+
+from . import _native
+from .codec import decode_body_into, encode_body_into
+
+#: Streams: bits 0 phase, 1-11 chunk, 12-31 bucket, 32-63 step.
+MAX_WORLD = 1 << 11
+MAX_BUCKETS = 1 << 20
+
+
+def stream_id(step: int, bucket: int, chunk: int, phase: int) -> int:
+    """The key stream of one chunk in one phase (identical on every rank)."""
+    return ((step & 0xFFFFFFFF) << 32) | (bucket << 12) | (chunk << 1) | phase
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How a vector of ``numel`` elements is cut for ``world`` ranks."""
+
+    numel: int
+    world: int
+    block_log2: int
+    mode_id: int
+    chunk: int  # C, a multiple of the block size
+    slot: int  # S, body bytes of a full chunk
+
+    @classmethod
+    def make(cls, numel: int, world: int, block_log2: int, mode_id: int) -> "Plan":
+        block = 1 << block_log2
+        per_rank = -(-numel // world)
+        chunk = -(-per_rank // block) * block
+        # slots rounded up to 4 bytes keep every body's f32 scales aligned
+        slot = -(-_native.body_nbytes(chunk, mode_id, block_log2) // 4) * 4
+        return cls(numel, world, block_log2, mode_id, chunk, slot)
+
+    def bounds(self, c: int) -> tuple[int, int]:
+        lo = min(c * self.chunk, self.numel)
+        return lo, min(lo + self.chunk, self.numel)
+
+    def body_nbytes(self, c: int) -> int:
+        lo, hi = self.bounds(c)
+        return _native.body_nbytes(hi - lo, self.mode_id, self.block_log2) if hi > lo else 0
+
+    @property
+    def wire_bytes(self) -> int:
+        """Bytes one rank sends in one exchange: (N-1) slots in each phase."""
+        return 2 * (self.world - 1) * self.slot
+
+
+@dataclasses.dataclass
+class Timers:
+    encode_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+
+_NAN_LE = torch.tensor([0x00, 0x00, 0xC0, 0x7F], dtype=torch.uint8)  # float32 NaN
+
+
+def _poison(slot: torch.Tensor, nblocks: int) -> None:
+    """Mark a body as non-finite: NaN scales, zero codes."""
+    slot.zero_()
+    slot[: 4 * nblocks].view(nblocks, 4).copy_(_NAN_LE)
+
+
+def _nblocks(n: int, block_log2: int) -> int:
+    return -(-n // (1 << block_log2))
+
+
+def _encode(x, slot, *, seed, stream, plan, residual, timers) -> bool:
+    """Encode into ``slot``; on NaN/Inf poison it instead and leave ``residual`` as it was."""
+    t0 = time.perf_counter()
+    n = x.numel()
+    try:
+        encode_body_into(x, slot[: _native.body_nbytes(n, plan.mode_id, plan.block_log2)],
+                         seed=seed, stream=stream, mode_id=plan.mode_id,
+                         block_log2=plan.block_log2, residual=residual, check_finite=True)
+        ok = True
+    except ValueError:
+        _poison(slot, _nblocks(n, plan.block_log2))
+        ok = False
+    timers.encode_seconds += time.perf_counter() - t0
+    return ok
+
+
+def _decode(slot, out, *, seed, stream, plan, timers) -> None:
+    t0 = time.perf_counter()
+    n = out.numel()
+    decode_body_into(slot[: _native.body_nbytes(n, plan.mode_id, plan.block_log2)], out,
+                     seed=seed, stream=stream, mode_id=plan.mode_id,
+                     block_log2=plan.block_log2)
+    timers.decode_seconds += time.perf_counter() - t0
+
+
+class Exchange:
+    """One two-phase exchange of one flat float32 vector; the caller drives its phases.
+
+    ``start`` encodes and launches the ``all_to_all``; ``reduce`` waits for it, averages the
+    owned chunk and launches the ``all_gather``; ``finish`` decodes the gathered chunks into the
+    output. Phases may interleave with other exchanges as long as every rank calls them in the
+    same order (collectives are issued only from these calls, never from callbacks).
+    """
+
+    def __init__(self, plan: Plan, *, rank: int, group, seed: int, step: int, key: int,
+                 timers: Timers, fixed_keys: bool = False):
+        self.plan = plan
+        self.rank = rank
+        self.group = group
+        self.seed = seed
+        self.step = 0 if fixed_keys else step
+        self.key = key
+        self.timers = timers
+        self._a2a = None
+        self._ag = None
+        self._recv = None
+        self._gathered = None
+
+    def _stream(self, chunk: int, phase: int) -> int:
+        return stream_id(self.step, self.key, chunk, phase)
+
+    def start(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> None:
+        """Encode ``x`` (flat float32, with ``residual`` updated) and launch the all_to_all."""
+        p = self.plan
+        send = torch.zeros(p.world * p.slot, dtype=torch.uint8, device=x.device)
+        for c in range(p.world):
+            lo, hi = p.bounds(c)
+            if hi > lo:
+                _encode(x[lo:hi], send[c * p.slot:(c + 1) * p.slot], seed=self.seed,
+                        stream=self._stream(c, 0), plan=p,
+                        residual=None if residual is None else residual[lo:hi],
+                        timers=self.timers)
+        self._recv = torch.empty_like(send)
+        self._a2a = torch.distributed.all_to_all_single(self._recv, send, group=self.group,
+                                                        async_op=True)
+
+    def reduce(self, server_residual: Optional[torch.Tensor]) -> None:
+        """Wait for the all_to_all, average the owned chunk, launch the all_gather."""
+        p = self.plan
+        self._a2a.wait()
+        self._a2a = None
+        lo, hi = p.bounds(self.rank)
+        mine = torch.zeros(p.slot, dtype=torch.uint8, device=self._recv.device)
+        if hi > lo:
+            acc = torch.empty(hi - lo, dtype=torch.float32, device=mine.device)
+            tmp = torch.empty_like(acc)
+            for j in range(p.world):
+                out = acc if j == 0 else tmp
+                _decode(self._recv[j * p.slot:(j + 1) * p.slot], out, seed=self.seed,
+                        stream=self._stream(self.rank, 0), plan=p, timers=self.timers)
+                if j:
+                    acc += tmp
+            acc /= p.world
+            _encode(acc, mine, seed=self.seed, stream=self._stream(self.rank, 1), plan=p,
+                    residual=server_residual, timers=self.timers)
+        self._recv = None
+        self._gathered = torch.empty(p.world * p.slot, dtype=torch.uint8, device=mine.device)
+        self._ag = torch.distributed.all_gather_into_tensor(self._gathered, mine,
+                                                            group=self.group, async_op=True)
+
+    def gather_future(self) -> torch.futures.Future:
+        return self._ag.get_future()
+
+    def finish(self, out: torch.Tensor) -> torch.Tensor:
+        """Decode every chunk into ``out`` (flat float32, ``numel`` elements). No collectives;
+        safe to call from a future callback once the all_gather completed."""
+        p = self.plan
+        for c in range(p.world):
+            lo, hi = p.bounds(c)
+            if hi > lo:
+                _decode(self._gathered[c * p.slot:(c + 1) * p.slot], out[lo:hi],
+                        seed=self.seed, stream=self._stream(c, 1), plan=p, timers=self.timers)
+        self._gathered = None
+        self._ag = None
+        return out
+
+
+Callback = Callable[[torch.Tensor], torch.Tensor]

@@ -1,0 +1,5 @@
+"""Communication hooks: DDP (``vsa_hook``) and, as they land, FSDP."""
+
+from .ddp import VSAState, vsa_hook
+
+__all__ = ["VSAState", "vsa_hook"]
