@@ -87,7 +87,9 @@ def bucket_cap_mb_for(comm: str) -> float | None:
     return _ONE_BUCKET_MB if comm in POWERSGD_RANKS else None
 
 
-def register(ddp_model: nn.Module, comm: str, *, process_group: Any = None, **kw: Any) -> object | None:
+def register(
+    ddp_model: nn.Module, comm: str, *, process_group: Any = None, **kw: Any
+) -> object | None:
     """Register the comm hook for ``comm`` on ``ddp_model``; return the hook state (or None).
 
     Args:

@@ -26,6 +26,8 @@ of training (``bytes_per_step_run_mean`` in the JSON includes the warm-up steps)
 from __future__ import annotations
 
 import argparse
+import ast
+import concurrent.futures
 import datetime as _dt
 import hashlib
 import json
@@ -61,6 +63,7 @@ DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_STEPS = {"digits": 300, "transformer": 300}
 QUICK_STEPS = {"digits": 30, "transformer": 30}
 DEFAULT_OUT = _ROOT / "benchmarks" / "results" / "convergence.json"
+QUICK_OUT = DEFAULT_OUT.with_name("convergence-quick.json")  # a smoke test never overwrites a run
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,11 @@ class Task:
     eval_points: int = 10  # eval-loss curve resolution (rank 0; not counted in wall time)
     collective_timeout_s: float = 120.0
     hook_options: dict[str, Any] = field(default_factory=dict)
+    label: str = ""  # the row name: the mode spec as given (default: mode)
+
+    @property
+    def row(self) -> str:
+        return self.label or self.mode
 
 
 # ------------------------------------------------------------------------------------ one rank
@@ -227,7 +235,9 @@ def run_task(task: Task, *, stall_timeout_s: float) -> dict[str, Any]:
             if time.monotonic() - last > stall_timeout_s:
                 error = f"no progress for {stall_timeout_s:.0f} s (hang?)"
             elif any(p.exitcode not in (None, 0) for p in procs):
-                error = "a rank exited: " + ", ".join(f"rank {i} exit {p.exitcode}" for i, p in enumerate(procs))
+                error = "a rank exited: " + ", ".join(
+                    f"rank {i} exit {p.exitcode}" for i, p in enumerate(procs)
+                )
             continue
         last = time.monotonic()
         if msg[0] == "result":
@@ -242,7 +252,7 @@ def run_task(task: Task, *, stall_timeout_s: float) -> dict[str, Any]:
             p.kill()
             p.join(timeout=5)
     if error is not None:
-        return {"workload": task.workload, "mode": task.mode, "error": error}
+        return {"workload": task.workload, "mode": task.row, "error": error}
     return _summarize(task, per_seed)
 
 
@@ -257,7 +267,9 @@ def _summarize(task: Task, per_seed: dict[int, dict[int, dict[str, Any]]]) -> di
     losses = [s["eval_loss"] for s in seeds]
     return {
         "workload": task.workload,
-        "mode": task.mode,
+        "mode": task.row,
+        "comm": task.mode,
+        "hook_options": dict(task.hook_options),
         "steps": task.steps,
         "bytes_per_step": seeds[0]["bytes_per_step"],
         "bytes_per_step_run_mean": seeds[0]["bytes_per_step_run_mean"],
@@ -283,34 +295,68 @@ def _fmt_bytes(b: float) -> str:
     raise AssertionError
 
 
+def add_gaps(rows: list[dict[str, Any]]) -> None:
+    """Set ``gap_pct`` (mean eval loss vs the ``none`` row, in %) and the per-seed paired gaps."""
+    ok = [r for r in rows if "seeds" in r]
+    base = next((r for r in ok if r["mode"] == "none"), None)
+    if base is None:
+        return
+    base_loss = {s["seed"]: s["eval_loss"] for s in base["seeds"]}
+    for r in ok:
+        r["gap_pct"] = 100 * (r["eval_loss_mean"] - base["eval_loss_mean"]) / base["eval_loss_mean"]
+        r["gap_pct_per_seed"] = {
+            s["seed"]: 100 * (s["eval_loss"] - base_loss[s["seed"]]) / base_loss[s["seed"]]
+            for s in r["seeds"]
+            if s["seed"] in base_loss
+        }
+
+
 def format_table(workload: str, rows: list[dict[str, Any]]) -> str:
     """A markdown table of one workload's rows (errors and skips listed below it)."""
-    ok = [r for r in rows if "error" not in r and "skipped" not in r]
-    base = next((r for r in ok if r["mode"] == "none"), None)
+    add_gaps(rows)
+    ok = [r for r in rows if "seeds" in r]
     lines = []
     if ok:
         info = ok[0]["workload_info"]
         n_seeds = len(ok[0]["seeds"])
-        lines.append(f"### {workload}: {info['params']:,} params, {ok[0]['steps']} steps, {n_seeds} seed(s)")
+        lines.append(
+            f"### {workload}: {info['params']:,} params, {ok[0]['steps']} steps, {n_seeds} seed(s)"
+        )
         lines.append("")
-    header = ("mode", "bytes/step/rank", "vs fp32", "eval loss", "gap", "wall s", "replicas")
+    header = (
+        "mode",
+        "bytes/step/rank",
+        "vs fp32",
+        "eval loss (± sd)",
+        "gap (seed range)",
+        "wall s",
+        "replicas",
+    )
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 2) + [":---:"]) + "|")
     for r in ok:
-        gap = (
-            f"{100 * (r['eval_loss_mean'] - base['eval_loss_mean']) / base['eval_loss_mean']:+.2f}%"
-            if base is not None
-            else "n/a"
-        )
+        gap = f"{r['gap_pct']:+.2f}%" if "gap_pct" in r else "n/a"
+        per_seed = list(r.get("gap_pct_per_seed", {}).values())
+        if len(per_seed) > 1 and r["mode"] != "none":
+            gap += f" ({min(per_seed):+.1f}..{max(per_seed):+.1f})"
         loss = f"{r['eval_loss_mean']:.4f}"
         if len(r["seeds"]) > 1:
             loss += f" ± {r['eval_loss_std']:.4f}"
         lines.append(
-            "| " + " | ".join((
-                r["mode"], _fmt_bytes(r["bytes_per_step"]), f"{r['ratio_vs_fp32']:.1f}x", loss, gap,
-                f"{r['wall_s_median']:.1f}", "identical" if r["replicas_identical"] else "DIFFER",
-            )) + " |"
-        )  # fmt: skip
+            "| "
+            + " | ".join(
+                (
+                    r["mode"],
+                    _fmt_bytes(r["bytes_per_step"]),
+                    f"{r['ratio_vs_fp32']:.1f}x",
+                    loss,
+                    gap,
+                    f"{r['wall_s_median']:.1f}",
+                    "identical" if r["replicas_identical"] else "DIFFER",
+                )
+            )
+            + " |"
+        )
     for r in rows:
         if "skipped" in r:
             lines.append(f"\nskipped {r['mode']}: {r['skipped']}")
@@ -329,14 +375,20 @@ def _machine() -> dict[str, Any]:
 
     try:
         git = subprocess.run(
-            ["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=_ROOT, capture_output=True, text=True, timeout=10
+            ["git", "rev-parse", "--verify", "-q", "HEAD"],
+            cwd=_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
         commit = git.stdout.strip() if git.returncode == 0 else None
     except Exception:
         commit = None
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+            cpu = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None
+            )
     except OSError:
         cpu = None
     return {
@@ -378,7 +430,9 @@ def _plot(results: list[dict[str, Any]], path: Path) -> bool:
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.set_ylabel("eval loss (mean of seeds)")
-        ax.set_yscale("log")
+        lo, hi = ax.get_ylim()
+        if lo > 0 and hi / lo > 5:  # digits falls by 40x: log scale; the transformer by 2x
+            ax.set_yscale("log")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -391,6 +445,27 @@ def _plot(results: list[dict[str, Any]], path: Path) -> bool:
 
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def parse_mode(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"vsa-int2"`` or ``"vsa-int2:block_size=256:start_iter=10"`` -> (mode, hook options).
+
+    Options go to the hook state (see ``comm.register``); values are Python literals, else strings.
+    The whole spec names the row, so variants of one mode can run side by side.
+    """
+    mode, *items = spec.split(":")
+    if mode not in comm.MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(comm.MODES)}")
+    options: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"bad option {item!r} in {spec!r}; write key=value")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value
+    return mode, options
 
 
 def _parse_steps(text: str, names: list[str]) -> dict[str, int]:
@@ -407,25 +482,59 @@ def _parse_steps(text: str, names: list[str]) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS), help="comma-separated")
-    ap.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated of {', '.join(comm.MODES)}")
-    ap.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), help="comma-separated ints")
-    ap.add_argument("--steps", default=None, help="N or name=N,... (default: " + ",".join(f"{k}={v}" for k, v in DEFAULT_STEPS.items()) + ")")
-    ap.add_argument("--quick", action="store_true", help=f"smoke test: {QUICK_STEPS} steps, seed 0 only")
+    ap.add_argument(
+        "--modes",
+        default=",".join(DEFAULT_MODES),
+        help=f"comma-separated of {', '.join(comm.MODES)}; a mode may carry hook options, "
+        "e.g. vsa-int2:block_size=256:start_iter=10",
+    )
+    ap.add_argument(
+        "--seeds", default=",".join(map(str, DEFAULT_SEEDS)), help="comma-separated ints"
+    )
+    ap.add_argument(
+        "--steps",
+        default=None,
+        help="N or name=N,... (default: "
+        + ",".join(f"{k}={v}" for k, v in DEFAULT_STEPS.items())
+        + ")",
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help=f"smoke test: {QUICK_STEPS} steps, seed 0 only"
+    )
+    ap.add_argument("--jobs", type=int, default=1, help="rows run side by side (default 1)")
     ap.add_argument("--world", type=int, default=2, help="ranks per run (default 2)")
     ap.add_argument("--size", default="small", choices=workloads.SIZES)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON path (a PNG goes beside it)")
-    ap.add_argument("--collective-timeout", type=float, default=120.0, help="seconds before a collective fails")
-    ap.add_argument("--stall-timeout", type=float, default=300.0, help="seconds without progress before a row is killed")
-    args = ap.parse_args(argv)  # fmt: skip
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"JSON path, a PNG goes beside it (default {DEFAULT_OUT.relative_to(_ROOT)}, "
+        f"with --quick {QUICK_OUT.relative_to(_ROOT)})",
+    )
+    ap.add_argument(
+        "--collective-timeout", type=float, default=120.0, help="seconds before a collective fails"
+    )
+    ap.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=300.0,
+        help="seconds without progress before a row is killed",
+    )
+    args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = QUICK_OUT if args.quick else DEFAULT_OUT
 
     names = _csv(args.workloads)
     modes = _csv(args.modes)
     for n in names:
         if n not in workloads.NAMES:
             ap.error(f"unknown workload {n!r}; choose from {', '.join(workloads.NAMES)}")
+    specs = {}
     for m in modes:
-        if m not in comm.MODES:
-            ap.error(f"unknown mode {m!r}; choose from {', '.join(comm.MODES)}")
+        try:
+            specs[m] = parse_mode(m)
+        except ValueError as e:
+            ap.error(str(e))
     seeds = tuple(int(s) for s in _csv(args.seeds))
     steps = dict(QUICK_STEPS if args.quick else DEFAULT_STEPS)
     if args.quick and args.seeds == ",".join(map(str, DEFAULT_SEEDS)):
@@ -441,24 +550,47 @@ def main(argv: list[str] | None = None) -> int:
     vsa_ok, vsa_why = comm.vsa_available()
     results: list[dict[str, Any]] = []
     t_start = time.perf_counter()
+    def one(name: str, mode: str) -> dict[str, Any]:
+        base, options = specs[mode]
+        if base in comm.VSA_MODES and not vsa_ok:
+            print(f"[{name}] {mode}: skipped ({vsa_why})", flush=True)
+            return {
+                "workload": name,
+                "mode": mode,
+                "skipped": f"tritter_comm.hooks unavailable ({vsa_why})",
+            }
+        task = Task(
+            workload=name,
+            mode=base,
+            hook_options=options,
+            label=mode,
+            seeds=seeds,
+            steps=steps[name],
+            world=args.world,
+            size=args.size,
+            collective_timeout_s=args.collective_timeout,
+        )
+        t0 = time.perf_counter()
+        row = run_task(task, stall_timeout_s=args.stall_timeout)
+        row["row_wall_s"] = time.perf_counter() - t0
+        if "error" in row:
+            print(
+                f"[{name}] {mode}: FAILED after {row['row_wall_s']:.0f} s\n{row['error']}",
+                flush=True,
+            )
+        else:
+            print(
+                f"[{name}] {mode}: eval {row['eval_loss_mean']:.4f}, "
+                f"bytes {row['ratio_vs_fp32']:.1f}x below fp32, {row['row_wall_s']:.0f} s",
+                flush=True,
+            )
+        return row
+
     for name in names:
-        rows = []
-        for mode in modes:
-            if mode in comm.VSA_MODES and not vsa_ok:
-                row = {"workload": name, "mode": mode, "skipped": f"tritter_comm.hooks unavailable ({vsa_why})"}
-                print(f"[{name}] {mode}: skipped ({vsa_why})", flush=True)
-            else:
-                task = Task(workload=name, mode=mode, seeds=seeds, steps=steps[name], world=args.world,
-                            size=args.size, collective_timeout_s=args.collective_timeout)  # fmt: skip
-                t0 = time.perf_counter()
-                row = run_task(task, stall_timeout_s=args.stall_timeout)
-                row["row_wall_s"] = time.perf_counter() - t0
-                if "error" in row:
-                    print(f"[{name}] {mode}: FAILED after {row['row_wall_s']:.0f} s\n{row['error']}", flush=True)
-                else:
-                    print(f"[{name}] {mode}: eval {row['eval_loss_mean']:.4f}, "
-                          f"bytes {row['ratio_vs_fp32']:.1f}x below fp32, {row['row_wall_s']:.0f} s", flush=True)  # fmt: skip
-            rows.append(row)
+        # --jobs > 1 runs rows side by side (each row's ranks use one thread each): for
+        # machines with cores to spare; wall times then include the contention.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            rows = list(pool.map(lambda m, n=name: one(n, m), modes))
         results.extend(rows)
         print("\n" + format_table(name, rows) + "\n", flush=True)
     total_s = time.perf_counter() - t_start
@@ -467,21 +599,37 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "convergence",
         "machine": _machine(),
         "settings": {
-            "workloads": names, "modes": modes, "seeds": list(seeds), "steps": {n: steps[n] for n in names},
-            "world": args.world, "size": args.size, "backend": "gloo", "threads_per_rank": 1,
-            "optimizer": "AdamW", "task_defaults": {k: v for k, v in asdict(Task("", "", (), 0)).items()
-                                                    if k not in ("workload", "mode", "seeds", "steps")},
-            "powersgd": {"start_iter": comm.POWERSGD_START_ITER,
-                         "min_compression_rate": comm.POWERSGD_MIN_COMPRESSION_RATE, "buckets": 1},
+            "workloads": names,
+            "modes": modes,
+            "seeds": list(seeds),
+            "steps": {n: steps[n] for n in names},
+            "world": args.world,
+            "size": args.size,
+            "backend": "gloo",
+            "threads_per_rank": 1,
+            "optimizer": "AdamW",
+            "task_defaults": {
+                k: v
+                for k, v in asdict(Task("", "", (), 0)).items()
+                if k not in ("workload", "mode", "seeds", "steps")
+            },
+            "powersgd": {
+                "start_iter": comm.POWERSGD_START_ITER,
+                "min_compression_rate": comm.POWERSGD_MIN_COMPRESSION_RATE,
+                "buckets": 1,
+            },
             "quick": args.quick,
         },
         "total_wall_s": total_s,
         "results": results,
-    }  # fmt: skip
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     plotted = _plot(results, args.out.with_suffix(".png"))
-    print(f"total {total_s:.0f} s; wrote {args.out}" + (f" and {args.out.with_suffix('.png')}" if plotted else ""))
+    print(
+        f"total {total_s:.0f} s; wrote {args.out}"
+        + (f" and {args.out.with_suffix('.png')}" if plotted else "")
+    )
     return 1 if any("error" in r for r in results) else 0
 
 

@@ -111,8 +111,13 @@ class Workload:
     @property
     def info(self) -> dict[str, Any]:
         """Facts for a benchmark's JSON output: parameter count, data sizes, shapes."""
-        return {"name": self.name, "size": self.size, "params": _numel(self.model),
-                "batch_size_per_rank": self.batch_size, "lr": self.lr}  # fmt: skip
+        return {
+            "name": self.name,
+            "size": self.size,
+            "params": _numel(self.model),
+            "batch_size_per_rank": self.batch_size,
+            "lr": self.lr,
+        }
 
     def _eval(self, model: nn.Module, inputs: Tensor, targets: Tensor, chunk: int) -> float:
         module = _unwrap(model)
@@ -180,8 +185,11 @@ class DigitsWorkload(Workload):
 
     @property
     def info(self) -> dict[str, Any]:
-        return {**super().info, "train_samples": int(self.x_train.shape[0]),
-                "eval_samples": int(self.x_test.shape[0])}  # fmt: skip
+        return {
+            **super().info,
+            "train_samples": int(self.x_train.shape[0]),
+            "eval_samples": int(self.x_test.shape[0]),
+        }
 
 
 def _build_digits(seed: int, size: str) -> DigitsWorkload:
@@ -191,10 +199,17 @@ def _build_digits(seed: int, size: str) -> DigitsWorkload:
         torch.manual_seed(seed)
         model = _mlp([x_train.shape[1], *hidden, 10])
     return DigitsWorkload(
-        name="digits", model=model, seed=seed, size=size,
-        batch_size={"small": 32, "large": 32}[size], lr={"small": 1e-3, "large": 3e-4}[size],
-        x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
-    )  # fmt: skip
+        name="digits",
+        model=model,
+        seed=seed,
+        size=size,
+        batch_size={"small": 32, "large": 32}[size],
+        lr={"small": 1e-3, "large": 3e-4}[size],
+        x_train=x_train,
+        y_train=y_train,
+        x_test=x_test,
+        y_test=y_test,
+    )
 
 
 # ----------------------------------------------------------------------------------- transformer
@@ -281,10 +296,14 @@ class CharTransformer(nn.Module):
 
 _TRANSFORMER_SIZES: dict[str, dict[str, Any]] = {
     # ~0.47M parameters: a few ms per step on one core.
-    "small": dict(d_model=128, n_layers=2, n_heads=4, context=64, batch=16, lr=2e-3, eval_windows=256),
+    "small": dict(
+        d_model=128, n_layers=2, n_heads=4, context=64, batch=16, lr=2e-3, eval_windows=256
+    ),
     # ~43M parameters, 4 sequences per rank: the exchange dominates the step on a slow link.
-    "large": dict(d_model=768, n_layers=6, n_heads=12, context=128, batch=4, lr=3e-4, eval_windows=64),
-}  # fmt: skip
+    "large": dict(
+        d_model=768, n_layers=6, n_heads=12, context=128, batch=4, lr=3e-4, eval_windows=64
+    ),
+}
 
 
 @dataclass
@@ -299,7 +318,9 @@ class TransformerWorkload(Workload):
     def batch(self, rank: int, world: int, step: int) -> tuple[Tensor, Tensor]:
         # World * batch random windows per (seed, step), shared by all ranks; each takes its slice.
         g = _generator(_TAG_TEXT, self.seed, step)
-        starts = torch.randint(0, self.train_data.numel() - self.context - 1, (world * self.batch_size,), generator=g)
+        starts = torch.randint(
+            0, self.train_data.numel() - self.context - 1, (world * self.batch_size,), generator=g
+        )
         starts = starts[rank * self.batch_size : (rank + 1) * self.batch_size]
         windows = self.train_data[starts[:, None] + torch.arange(self.context + 1)].long()
         return windows[:, :-1], windows[:, 1:]
@@ -309,9 +330,14 @@ class TransformerWorkload(Workload):
 
     @property
     def info(self) -> dict[str, Any]:
-        return {**super().info, "context": self.context, "train_bytes": int(self.train_data.numel()),
-                "eval_tokens": int(self.eval_targets.numel()), "corpus_files": list(self.corpus_files),
-                "corpus_sha256": self.corpus_sha256}  # fmt: skip
+        return {
+            **super().info,
+            "context": self.context,
+            "train_bytes": int(self.train_data.numel()),
+            "eval_tokens": int(self.eval_targets.numel()),
+            "corpus_files": list(self.corpus_files),
+            "corpus_sha256": self.corpus_sha256,
+        }
 
 
 def _build_transformer(seed: int, size: str) -> TransformerWorkload:
@@ -330,10 +356,19 @@ def _build_transformer(seed: int, size: str) -> TransformerWorkload:
             d_model=cfg["d_model"], n_layers=cfg["n_layers"], n_heads=cfg["n_heads"], context=ctx
         )
     return TransformerWorkload(
-        name="transformer", model=model, seed=seed, size=size, batch_size=cfg["batch"], lr=cfg["lr"],
-        context=ctx, train_data=train, eval_inputs=windows[:, :-1], eval_targets=windows[:, 1:],
-        corpus_files=files, corpus_sha256=hashlib.sha256(text).hexdigest(),
-    )  # fmt: skip
+        name="transformer",
+        model=model,
+        seed=seed,
+        size=size,
+        batch_size=cfg["batch"],
+        lr=cfg["lr"],
+        context=ctx,
+        train_data=train,
+        eval_inputs=windows[:, :-1],
+        eval_targets=windows[:, 1:],
+        corpus_files=files,
+        corpus_sha256=hashlib.sha256(text).hexdigest(),
+    )
 
 
 def build(name: str, *, seed: int, size: str = "small") -> Workload:
