@@ -153,3 +153,33 @@ def eval_grads(rank, world, *, hook, steps=3):
         nn.functional.cross_entropy(ddp(x), y).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]).numpy().tobytes())
     return grads
+
+
+def nan_step(rank, world, *, bad_rank=1, bad_step=3):
+    """One rank's gradient holds NaN at ``bad_step``: every rank must see a non-finite
+    gradient in that step, GradScaler must skip it everywhere, and no residual is poisoned."""
+    torch.manual_seed(0)
+    model = Net(tiny=False)
+    ddp = DDP(model, bucket_cap_mb=0.05)
+    state = tritter_comm.VSAState(start_iter=2, min_compress_numel=1000)
+    ddp.register_comm_hook(state, tritter_comm.vsa_hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    report = []
+    for step in range(6):
+        x, y = _data(rank, step, torch.float32)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(ddp(x), y)
+        if rank == bad_rank and step == bad_step:
+            loss = loss * float("nan")
+        scaler.scale(loss).backward()
+        finite = all(torch.isfinite(p.grad).all() for p in model.parameters())
+        before = [p.detach().clone() for p in model.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        skipped = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+        res_ok = all(torch.isfinite(r).all() for r in state.residuals.values())
+        sres_ok = all(torch.isfinite(r).all() for r in state.server_residuals.values())
+        report.append((step, finite, skipped, res_ok and sres_ok))
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    return {"report": report, "params": flat.numpy().tobytes()}

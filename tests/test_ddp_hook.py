@@ -194,3 +194,15 @@ def test_hook_signature_is_accepted_by_ddp():
 
     sig = inspect.signature(tritter_comm.vsa_hook)
     assert sig.parameters["bucket"].annotation is dist.GradBucket
+
+
+def test_non_finite_gradient_reaches_every_rank_and_spares_residuals():
+    res = run(W.nan_step, 2)
+    for r in res:
+        for step, finite, skipped, residuals_finite in r["report"]:
+            assert residuals_finite, f"residual poisoned at step {step}"
+            if step == 3:
+                assert not finite and skipped, "the NaN step must be seen and skipped everywhere"
+            elif step > 2:
+                assert finite and not skipped
+    assert_replicas_identical(res)
