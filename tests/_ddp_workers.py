@@ -183,3 +183,31 @@ def nan_step(rank, world, *, bad_rank=1, bad_step=3):
         report.append((step, finite, skipped, res_ok and sres_ok))
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
     return {"report": report, "params": flat.numpy().tobytes()}
+
+
+def die_mid_training(rank, world, *, die_rank=1, die_step=5):
+    """``die_rank`` kills itself with SIGKILL at ``die_step``; the others must fail, not hang."""
+    import os
+    import signal
+    import time
+
+    torch.manual_seed(0)
+    model = Net(tiny=False)
+    ddp = DDP(model, bucket_cap_mb=0.05)
+    ddp.register_comm_hook(tritter_comm.VSAState(start_iter=2, min_compress_numel=1000),
+                           tritter_comm.vsa_hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    t0 = None
+    try:
+        for step in range(50):
+            if step == die_step:
+                if rank == die_rank:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                t0 = time.monotonic()
+            x, y = _data(rank, step, torch.float32)
+            opt.zero_grad()
+            nn.functional.cross_entropy(ddp(x), y).backward()
+            opt.step()
+    except Exception as e:  # the expected outcome on the survivors
+        raise RuntimeError(f"survivor stopped after {time.monotonic() - t0:.1f} s: {e}") from e
+    return "finished"
