@@ -1,0 +1,354 @@
+"""A real data-parallel training script with a choice of gradient exchange.
+
+A byte-level transformer learns Python's own standard-library sources (nothing is downloaded),
+data-parallel over every rank torchrun starts, with the gradient exchange chosen by a flag:
+
+    torchrun --standalone --nproc-per-node 2 launch/train.py --comm vsa --mode ternary
+    torchrun ... launch/train.py --comm none | fp16 | powersgd
+    torchrun ... launch/train.py --comm vsa --comm-config launch/tritter_comm.yaml
+    torchrun ... launch/train.py --checkpoint-dir ckpt --checkpoint-every 100   # then --resume
+    bash launch/torchrun.sh ...     # the same, with one- and multi-node launch arguments
+
+CPU ranks use gloo, GPU ranks NCCL (--device). Checkpoints hold the model and optimizer
+(torch.distributed.checkpoint, so DDP and FSDP checkpoints are saved and loaded the same way),
+the step and scheduler, and one file per rank with that rank's hook state: the VSA hook's
+error-feedback residuals (and PowerSGD's) differ from rank to rank, and a resumed job continues
+exactly as the uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import tritter_comm
+from tritter_comm._demo import CharTransformer, TextData, lr_lambda  # the model and the data
+from tritter_comm.config import CommConfig
+
+SIZES = {  # model shape, per-rank batch, learning rate
+    "small": dict(model=dict(d_model=128, n_layers=2, n_heads=4, context=64), batch=16, lr=2e-3),
+    "large": dict(model=dict(d_model=768, n_layers=6, n_heads=12, context=128), batch=4,
+                  lr=3e-4),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("gradient exchange")
+    g.add_argument("--comm", choices=("none", "fp16", "powersgd", "vsa"), default="vsa",
+                   help="none: DDP's fp32 all-reduce; fp16 and powersgd: PyTorch's hooks; "
+                   "vsa: tritter-comm")
+    g.add_argument("--mode", choices=tuple(tritter_comm.MODES), default=None,
+                   help="vsa: quantization (default: the config file's, else ternary)")
+    g.add_argument("--start-iter", type=int, default=None,
+                   help="vsa/powersgd: steps of plain all-reduce first (default: vsa 100, "
+                   "powersgd 2)")
+    g.add_argument("--comm-config", default=os.environ.get("TRITTER_COMM_CONFIG"),
+                   help="vsa: a tritter_comm config file (YAML/JSON/TOML); --mode and "
+                   "--start-iter override it (default: $TRITTER_COMM_CONFIG)")
+    g.add_argument("--powersgd-rank", type=int, default=4, help="powersgd: matrix rank")
+    g.add_argument("--fsdp", choices=("none", "fsdp1", "fsdp2"), default="none",
+                   help="shard the model with FSDP1 (FullyShardedDataParallel) or FSDP2 "
+                   "(fully_shard) instead of DDP")
+    g.add_argument("--phase", action="store_true",
+                   help="phase-based training (predicted steps): not available yet")
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=300)
+    g.add_argument("--size", choices=tuple(SIZES), default="small",
+                   help="small: 0.47M parameters; large: 43M (the exchange dominates)")
+    g.add_argument("--lr", type=float, default=None, help="peak AdamW lr (default: per size)")
+    g.add_argument("--batch-size", type=int, default=None, help="per rank (default: per size)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--log-every", type=int, default=25)
+    g.add_argument("--eval-every", type=int, default=100, help="0: only at the end")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--checkpoint-dir", default=None, help="where step_N/ checkpoints go")
+    g.add_argument("--checkpoint-every", type=int, default=0, help="0: only at the end")
+    g.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="auto: the latest checkpoint in --checkpoint-dir; or a step_N folder")
+    g.add_argument("--summary-json", default=None, help="rank 0 writes the final numbers here")
+    args = p.parse_args(argv)
+    if args.phase:
+        p.error("--phase: phase-based training (tritter_comm.optim.PhaseOptimizer) is not "
+                "available in this version of tritter-comm yet")
+    if args.comm in ("fp16", "powersgd") and args.fsdp != "none":
+        p.error(f"--comm {args.comm} is a DDP hook; with --fsdp use --comm none or vsa")
+    if args.mode and args.comm != "vsa":
+        p.error("--mode applies to --comm vsa")
+    if args.resume == "auto" and not args.checkpoint_dir:
+        p.error("--resume auto needs --checkpoint-dir")
+    if args.steps < 1:
+        p.error("--steps must be >= 1")
+    return args
+
+
+# ------------------------------------------------------------------------------- process group
+
+
+def init_distributed(device_arg: str) -> tuple[int, int, torch.device]:
+    """Join the process group torchrun set up (or a one-process group when run directly)."""
+    if "RANK" not in os.environ:  # plain `python launch/train.py`: a group of one
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+    cuda = torch.cuda.is_available() if device_arg == "auto" else device_arg == "cuda"
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=_dt.timedelta(minutes=5))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+# ------------------------------------------------------------------------------------ wrapping
+
+
+def comm_config(args) -> CommConfig:
+    config = (CommConfig.from_file(args.comm_config) if args.comm_config
+              else CommConfig("vsa", {}, "flags"))
+    over = {k: v for k, v in (("mode", args.mode), ("start_iter", args.start_iter))
+            if v is not None}
+    return config.replace(hook="vsa", **over)
+
+
+def wrap(model, args, device):
+    """The model wrapped for data parallelism, with the chosen exchange; (model, hook state)."""
+    state = None
+    if args.fsdp == "none":
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if args.comm == "fp16":
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+        elif args.comm == "powersgd":
+            from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
+
+            # PyTorch's PowerSGD hook launches collectives from future callbacks and can hang
+            # on gloo with several buckets: one bucket on CPU (see benchmarks/comm.py).
+            if device.type == "cpu":
+                model = DDP(model.module, bucket_cap_mb=1024)
+            state = psgd.PowerSGDState(None, matrix_approximation_rank=args.powersgd_rank,
+                                       start_powerSGD_iter=args.start_iter or 2,
+                                       random_seed=args.seed)
+            model.register_comm_hook(state, psgd.powerSGD_hook)
+        elif args.comm == "vsa":
+            state = comm_config(args).make_state()
+            model.register_comm_hook(state, tritter_comm.vsa_hook)
+        return model, state
+    block = type(model.blocks[0])
+    if args.fsdp == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        model = FSDP(model, auto_wrap_policy=ModuleWrapPolicy({block}), device_id=device,
+                     use_orig_params=True)
+        if args.comm == "vsa":
+            try:
+                from tritter_comm.hooks import vsa_fsdp_hook
+            except ImportError:
+                sys.exit("--fsdp fsdp1 --comm vsa: this tritter-comm has no FSDP hook yet "
+                         "(tritter_comm.hooks.vsa_fsdp_hook); use --comm none")
+            state = comm_config(args).make_state()
+            model.register_comm_hook(state, vsa_fsdp_hook)
+        return model, state
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for b in model.blocks:
+        fully_shard(b, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    if args.comm == "vsa":
+        try:
+            from tritter_comm.fsdp import enable
+        except ImportError:
+            sys.exit("--fsdp fsdp2 --comm vsa: this tritter-comm has no FSDP2 support yet "
+                     "(tritter_comm.fsdp.enable); use --comm none")
+        state = comm_config(args).make_state()
+        enable(model, state)
+    return model, state
+
+
+# --------------------------------------------------------------------------------- checkpoints
+
+
+def hook_state_dict(state):
+    if state is None:
+        return None
+    if isinstance(state, tritter_comm.VSAState):
+        return state.state_dict()
+    return state.__getstate__()  # PowerSGDState: its error feedback, minus the process group
+
+
+def load_hook_state(state, saved) -> None:
+    if state is None or saved is None:
+        return
+    if isinstance(state, tritter_comm.VSAState):
+        state.load_state_dict(saved)
+    else:
+        group = state.process_group
+        state.__setstate__(saved)
+        state.process_group = group
+
+
+def save_checkpoint(root: Path, step: int, model, opt, sched, state, rank: int) -> Path:
+    path = root / f"step_{step}"
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / "dcp"))
+    torch.save({"hook": hook_state_dict(state)}, path / f"comm_rank{rank}.pt")
+    if rank == 0:
+        torch.save({"step": step, "sched": sched.state_dict(),
+                    "world_size": dist.get_world_size()}, path / "train_state.pt")
+    dist.barrier()  # every rank's files are written: mark the checkpoint complete
+    if rank == 0:
+        (root / "latest").write_text(f"step_{step}\n")
+    return path
+
+
+def load_checkpoint(path: Path, model, opt, sched, state, rank: int) -> int:
+    train_state = torch.load(path / "train_state.pt", weights_only=True)
+    if train_state["world_size"] != dist.get_world_size():
+        raise SystemExit(f"{path} was saved by {train_state['world_size']} ranks; this job has "
+                         f"{dist.get_world_size()} (hook residuals are per rank)")
+    model_sd, optim_sd = get_state_dict(model, opt)
+    sd = {"model": model_sd, "optim": optim_sd}
+    dcp.load(sd, checkpoint_id=str(path / "dcp"))
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    sched.load_state_dict(train_state["sched"])
+    hook = torch.load(path / f"comm_rank{rank}.pt", weights_only=False)["hook"]
+    load_hook_state(state, hook)
+    return int(train_state["step"])
+
+
+def resolve_resume(args) -> Path | None:
+    if args.resume is None:
+        return None
+    if args.resume == "auto":
+        marker = Path(args.checkpoint_dir) / "latest"
+        return Path(args.checkpoint_dir) / marker.read_text().strip() if marker.is_file() else None
+    return Path(args.resume)
+
+
+# ------------------------------------------------------------------------------------- training
+
+
+def eval_loss(model, data: TextData, device) -> float:
+    """Mean cross-entropy on the held-out windows (every rank computes the same number)."""
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, data.eval_inputs.shape[0], 32):
+            x, y = data.eval_inputs[i:i + 32].to(device), data.eval_targets[i:i + 32].to(device)
+            logits = model(x)
+            total += F.cross_entropy(logits.reshape(-1, 256), y.reshape(-1),
+                                     reduction="sum").item()
+            count += y.numel()
+    model.train()
+    return total / count
+
+
+def bytes_sent(args, state, numel: int, world: int, steps: int) -> float:
+    """Bytes this rank sent: measured by the VSA hook, else the ring all-reduce formula."""
+    if isinstance(state, tritter_comm.VSAState):
+        return state.stats()["bytes_sent"]
+    per = 2 * (world - 1) / world * numel * 4
+    return steps * per * (0.5 if args.comm == "fp16" else 1.0)
+
+
+def params_digest(model) -> str:
+    h = hashlib.sha256()
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    for _, v in sorted(full.items()):
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rank, world, device = init_distributed(args.device)
+    size = SIZES[args.size]
+    data = TextData(context=size["model"]["context"],
+                    batch_size=args.batch_size or size["batch"], seed=args.seed)
+    torch.manual_seed(args.seed)
+    model = CharTransformer(**size["model"]).to(device)
+    numel = sum(p.numel() for p in model.parameters())
+    model, state = wrap(model, args, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr or size["lr"], weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.steps))
+    log = print if rank == 0 else (lambda *a, **k: None)
+    what = args.comm if args.comm != "vsa" else f"vsa ({comm_config(args).describe()})"
+    log(f"{world} rank(s) on {device.type}, {numel:,} parameters, "
+        f"{'DDP' if args.fsdp == 'none' else args.fsdp.upper()}, exchange: {what}", flush=True)
+
+    start = 0
+    resume = resolve_resume(args)
+    if resume is not None:
+        start = load_checkpoint(resume, model, opt, sched, state, rank)
+        log(f"resumed from {resume} at step {start}", flush=True)
+    ckpt_root = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+    if ckpt_root is not None and rank == 0:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+
+    t0, sent0 = time.perf_counter(), bytes_sent(args, state, numel, world, start)
+    last_eval = None
+    for step in range(start, args.steps):
+        x, y = (t.to(device) for t in data.batch(rank, world, step))
+        loss = F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        done = step + 1
+        if done % args.log_every == 0 or done == args.steps:
+            sent = bytes_sent(args, state, numel, world, done) - sent0
+            log(f"step {done:>5}/{args.steps}  loss {loss.item():.4f}  "
+                f"lr {sched.get_last_lr()[0]:.2e}  sent {sent / 1e6:8.2f} MB/rank  "
+                f"{(time.perf_counter() - t0) / (done - start):.3f} s/step", flush=True)
+        if (args.eval_every and done % args.eval_every == 0) or done == args.steps:
+            last_eval = eval_loss(model, data, device)
+            log(f"step {done:>5}  eval loss {last_eval:.4f}", flush=True)
+        if ckpt_root is not None and (
+                (args.checkpoint_every and done % args.checkpoint_every == 0)
+                or done == args.steps):
+            path = save_checkpoint(ckpt_root, done, model, opt, sched, state, rank)
+            log(f"step {done:>5}  checkpoint {path}", flush=True)
+
+    digest = params_digest(model)
+    summary = {"steps": args.steps, "start": start, "world": world, "comm": args.comm,
+               "fsdp": args.fsdp, "eval_loss": last_eval, "params_sha256": digest,
+               "bytes_sent_per_rank": bytes_sent(args, state, numel, world, args.steps) - sent0,
+               "hook_stats": state.stats() if isinstance(state, tritter_comm.VSAState) else None}
+    if rank == 0 and args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary, indent=1))
+    log(f"done: eval loss {last_eval:.4f}, params sha256 {digest[:16]}", flush=True)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
