@@ -46,8 +46,10 @@ from pathlib import Path
 from typing import Any
 
 _ROOT = Path(__file__).resolve().parent.parent
-if str(_ROOT) not in sys.path:  # run as a script: make `benchmarks` (and tritter_comm) importable
-    sys.path.insert(0, str(_ROOT))
+if str(_ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
+    # appended, not prepended: an installed tritter_comm (with its compiled extension) must win
+    # over the source tree's, which has none after a non-editable `pip install .`
+    sys.path.append(str(_ROOT))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
