@@ -8,10 +8,9 @@ use std::fmt;
 use rayon::prelude::*;
 
 use crate::elem::Elem;
-use crate::hadamard::fwht;
-use crate::keys::{bind, StreamKeys};
-use crate::pack::{pack, packed_len, Tables};
-use crate::quant::quantize;
+use crate::kernel::{analyze, synth, Scratch, Sink};
+use crate::keys::StreamKeys;
+use crate::pack::packed_len;
 
 pub const MIN_BLOCK_LOG2: u8 = 8;
 pub const MAX_BLOCK_LOG2: u8 = 16;
@@ -168,127 +167,6 @@ impl Layout {
     }
 }
 
-/// Scratch buffers of one worker.
-struct Scratch {
-    buf: Vec<f32>,
-    tmp: Vec<f32>,
-    codes: Vec<u8>,
-}
-
-impl Scratch {
-    fn new(block: usize) -> Self {
-        Scratch {
-            buf: vec![0.0; block],
-            tmp: vec![0.0; block],
-            codes: vec![0; block],
-        }
-    }
-}
-
-#[inline(always)]
-fn levels_table(mode: Mode) -> [f32; 4] {
-    match mode {
-        Mode::Ternary => [-1.0, 0.0, 1.0, 0.0],
-        Mode::Sign => [-1.0, 1.0, 0.0, 0.0],
-        Mode::Int2 => [-3.0, -1.0, 1.0, 3.0],
-    }
-}
-
-/// Encode one block; with `e`, also leave the new residual in it.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn encode_block_impl<T: Elem>(
-    x: &[T],
-    e: Option<&mut [T]>,
-    l: usize,
-    offset: u64,
-    keys: &StreamKeys,
-    mode: Mode,
-    s: &mut Scratch,
-    data: &mut [u8],
-    scale_out: &mut [u8],
-) -> Result<(), CodecError> {
-    let n_in = x.len();
-    let buf = &mut s.buf[..l];
-    match &e {
-        Some(e) => {
-            for ((b, xv), ev) in buf.iter_mut().zip(x).zip(e.iter()) {
-                *b = xv.to_f32() + ev.to_f32();
-            }
-        }
-        None => {
-            for (b, xv) in buf.iter_mut().zip(x) {
-                *b = xv.to_f32();
-            }
-        }
-    }
-    buf[n_in..].fill(0.0);
-    bind(buf, keys, offset);
-    fwht(buf);
-    let codes = &mut s.codes[..l];
-    let scale = quantize(buf, mode, codes, &mut s.tmp).ok_or(CodecError::NonFinite)?;
-    pack(codes, mode, data);
-    scale_out.copy_from_slice(&scale.to_le_bytes());
-    if let Some(e) = e {
-        let lv = levels_table(mode);
-        for (b, &c) in buf.iter_mut().zip(codes.iter()) {
-            *b = lv[(c & 3) as usize];
-        }
-        fwht(buf);
-        for b in buf.iter_mut() {
-            *b *= scale;
-        }
-        bind(buf, keys, offset);
-        for ((ev, xv), xh) in e.iter_mut().zip(x).zip(buf.iter()) {
-            let u = xv.to_f32() + ev.to_f32();
-            *ev = T::from_f32(u - *xh);
-        }
-    }
-    Ok(())
-}
-
-crate::dispatch!(fn encode_block<T: Elem>(
-    x: &[T], e: Option<&mut [T]>, l: usize, offset: u64, keys: &StreamKeys, mode: Mode,
-    s: &mut Scratch, data: &mut [u8], scale_out: &mut [u8]
-) -> Result<(), CodecError> => encode_block_impl);
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn decode_block_impl<T: Elem>(
-    data: &[u8],
-    scale: f32,
-    l: usize,
-    offset: u64,
-    keys: &StreamKeys,
-    mode: Mode,
-    s: &mut Scratch,
-    out: &mut [T],
-) -> Result<(), CodecError> {
-    let buf = &mut s.buf[..l];
-    if !Tables::get().unpack_levels(data, mode, buf) {
-        return Err(CodecError::Corrupt("a ternary byte is above 242"));
-    }
-    fwht(buf);
-    for b in buf.iter_mut() {
-        *b *= scale;
-    }
-    bind(buf, keys, offset);
-    for (o, b) in out.iter_mut().zip(buf.iter()) {
-        *o = T::from_f32(*b);
-    }
-    Ok(())
-}
-
-crate::dispatch!(fn decode_block<T: Elem>(
-    data: &[u8], scale: f32, l: usize, offset: u64, keys: &StreamKeys, mode: Mode,
-    s: &mut Scratch, out: &mut [T]
-) -> Result<(), CodecError> => decode_block_impl);
-
-fn all_finite<T: Elem>(x: &[T]) -> bool {
-    x.par_chunks(MIN_TASK_ELEMS)
-        .all(|c| c.iter().fold(true, |ok, v| ok & v.is_finite()))
-}
-
 fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), CodecError> {
     if expected == got {
         Ok(())
@@ -303,8 +181,15 @@ fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), Code
 
 /// Encode `x` (plus `residual` when given) into `out`, which must be
 /// `Layout::new(x.len(), ..).body_len()` bytes. With a residual, it is updated in place to the
-/// part of `x + residual` the payload does not carry. With `check_finite`, NaN or Inf in the
-/// inputs is an error raised before anything is written.
+/// part of `x + residual` the payload does not carry.
+///
+/// NaN or Inf in the inputs (or a block that overflows f32 when spread) is an error, found at no
+/// cost: one such element makes every spread value of its block, and so the block's sums,
+/// non-finite. With `check_finite` the residual is then left as it was: every block is encoded
+/// first, and the residuals are updated in a second pass over the blocks only once all are
+/// finite (it reads `x` and `residual` twice). Without it, each block's residual is updated
+/// right after the block is encoded, and an error leaves the blocks before it updated. `out` may
+/// be partly written on error either way.
 pub fn encode<T: Elem>(
     x: &[T],
     residual: Option<&mut [T]>,
@@ -317,54 +202,81 @@ pub fn encode<T: Elem>(
     if let Some(e) = &residual {
         check_len("residual", x.len(), e.len())?;
     }
-    if check_finite && !(all_finite(x) && residual.as_deref().is_none_or(all_finite)) {
-        return Err(CodecError::NonFinite);
-    }
     let keys = StreamKeys::new(p.seed, p.stream);
-    let (scales, data) = out.split_at_mut(4 * lay.nblocks());
     let b = lay.block;
-    let pb = lay.packed_block();
     let mode = p.mode;
-    let work = x
+    let min_len = lay.min_task_blocks();
+    let (scales, data) = out.split_at_mut(4 * lay.nblocks());
+    let blocks = x
         .par_chunks(b)
-        .zip(data.par_chunks_mut(pb))
+        .zip(data.par_chunks_mut(lay.packed_block()))
         .zip(scales.par_chunks_mut(4))
         .enumerate()
-        .with_min_len(lay.min_task_blocks());
+        .with_min_len(min_len);
     match residual {
-        Some(e) => work.zip(e.par_chunks_mut(b)).try_for_each_init(
-            || Scratch::new(b),
-            |s, ((i, ((xb, db), sb)), eb)| {
-                encode_block(
-                    xb,
-                    Some(eb),
-                    lay.block_len(i),
-                    (i * b) as u64,
-                    &keys,
-                    mode,
-                    s,
-                    db,
-                    sb,
-                )
-            },
-        ),
-        None => work.try_for_each_init(
+        None => blocks.try_for_each_init(
             || Scratch::new(b),
             |s, (i, ((xb, db), sb))| {
-                encode_block(
-                    xb,
-                    None,
-                    lay.block_len(i),
-                    (i * b) as u64,
+                let (l, o) = (lay.block_len(i), (i * b) as u64);
+                analyze(xb, None, l, o, &keys, mode, s, db, sb)
+            },
+        ),
+        Some(e) if !check_finite => blocks.zip(e.par_chunks_mut(b)).try_for_each_init(
+            || Scratch::new(b),
+            |s, ((i, ((xb, db), sb)), eb)| {
+                let (l, o) = (lay.block_len(i), (i * b) as u64);
+                analyze(xb, Some(&*eb), l, o, &keys, mode, s, db, sb)?;
+                synth(
+                    db,
+                    scale_of(sb),
+                    l,
+                    o,
                     &keys,
                     mode,
                     s,
-                    db,
-                    sb,
+                    Sink::Residual(xb, eb),
                 )
             },
         ),
+        Some(e) => {
+            blocks.zip(e.par_chunks(b)).try_for_each_init(
+                || Scratch::new(b),
+                |s, ((i, ((xb, db), sb)), eb)| {
+                    let (l, o) = (lay.block_len(i), (i * b) as u64);
+                    analyze(xb, Some(eb), l, o, &keys, mode, s, db, sb)
+                },
+            )?;
+            // Backward: the blocks the first pass read last are the likeliest still in cache.
+            let (scales, data) = (&*scales, &*data);
+            x.par_chunks(b)
+                .zip(e.par_chunks_mut(b))
+                .zip(data.par_chunks(lay.packed_block()))
+                .zip(scales.par_chunks(4))
+                .enumerate()
+                .rev()
+                .with_min_len(min_len)
+                .try_for_each_init(
+                    || Scratch::backward(b),
+                    |s, (i, (((xb, eb), db), sb))| {
+                        let (l, o) = (lay.block_len(i), (i * b) as u64);
+                        synth(
+                            db,
+                            scale_of(sb),
+                            l,
+                            o,
+                            &keys,
+                            mode,
+                            s,
+                            Sink::Residual(xb, eb),
+                        )
+                    },
+                )
+        }
     }
+}
+
+fn scale_of(sb: &[u8]) -> f32 {
+    f32::from_le_bytes([sb[0], sb[1], sb[2], sb[3]])
 }
 
 /// Decode a body made by `encode` with the same params into `out` (`n` elements).
@@ -383,17 +295,8 @@ pub fn decode<T: Elem>(body: &[u8], p: &Params, out: &mut [T]) -> Result<(), Cod
         .try_for_each_init(
             || Scratch::new(b),
             |s, (i, ((ob, db), sb))| {
-                let scale = f32::from_le_bytes([sb[0], sb[1], sb[2], sb[3]]);
-                decode_block(
-                    db,
-                    scale,
-                    lay.block_len(i),
-                    (i * b) as u64,
-                    &keys,
-                    mode,
-                    s,
-                    ob,
-                )
+                let (l, o) = (lay.block_len(i), (i * b) as u64);
+                synth(db, scale_of(sb), l, o, &keys, mode, s, Sink::Out(ob))
             },
         )
 }

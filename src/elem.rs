@@ -3,17 +3,47 @@
 
 use half::{bf16, f16};
 
+use crate::lanes::{Lanes, LANES};
+
 pub trait Elem: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
     /// False for NaN and +-Inf.
     fn is_finite(self) -> bool;
+
+    /// The first 16 elements of `s` as f32 lanes.
+    #[inline(always)]
+    fn load16(s: &[Self]) -> Lanes {
+        let mut r = crate::lanes::ZERO;
+        for (r, x) in r.iter_mut().zip(&s[..LANES]) {
+            *r = x.to_f32();
+        }
+        r
+    }
+
+    /// Store 16 lanes, converted, into the first 16 elements of `d`.
+    #[inline(always)]
+    fn store16(d: &mut [Self], v: Lanes) {
+        for (o, x) in d[..LANES].iter_mut().zip(v) {
+            *o = Self::from_f32(x);
+        }
+    }
 }
 
 impl Elem for f32 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
+    }
+    #[inline(always)]
+    fn load16(s: &[Self]) -> Lanes {
+        let mut r = crate::lanes::ZERO;
+        r.copy_from_slice(&s[..LANES]);
+        r
+    }
+    #[inline(always)]
+    fn store16(d: &mut [Self], v: Lanes) {
+        d[..LANES].copy_from_slice(&v);
     }
     #[inline(always)]
     fn from_f32(v: f32) -> Self {

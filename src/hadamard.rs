@@ -3,6 +3,10 @@
 //! `(a, b) -> (a + b, a - b)`. Two consecutive stages are fused into one pass over memory
 //! (radix 4), which performs the same additions in the same order, so the result is bit-identical
 //! to the plain radix-2 loop (`fwht_reference`).
+//!
+//! The block kernels (`kernel.rs`) run the same stages on 16-lane vectors: h = 1..8 inside a
+//! vector (`lanes::*::wht16`), h >= 16 between whole vectors, three stages to a pass over memory
+//! (`RADIX8_PAIRS`).
 
 /// Reference radix-2 transform, the literal definition.
 pub fn fwht_reference(v: &mut [f32]) {
@@ -95,6 +99,23 @@ fn radix2_stage(v: &mut [f32], h: usize) {
     }
 }
 
+/// Three consecutive stages h, 2h, 4h on 8 values standing h apart, as butterflies between
+/// positions `(i, j)` in this order: `(a_i, a_j) -> (a_i + a_j, a_i - a_j)`.
+pub const RADIX8_PAIRS: [(usize, usize); 12] = [
+    (0, 1),
+    (2, 3),
+    (4, 5),
+    (6, 7),
+    (0, 2),
+    (1, 3),
+    (4, 6),
+    (5, 7),
+    (0, 4),
+    (1, 5),
+    (2, 6),
+    (3, 7),
+];
+
 /// The transform used by the codec. `v.len()` must be a power of two.
 #[inline(always)]
 pub fn fwht(v: &mut [f32]) {
@@ -145,6 +166,20 @@ mod tests {
         let mut v = vec![1.0, 2.0, 3.0, 4.0];
         fwht(&mut v);
         assert_eq!(v, vec![10.0, -2.0, -4.0, 0.0]);
+    }
+
+    #[test]
+    fn radix8_pairs_are_three_stages() {
+        let a: Vec<f32> = (0..8).map(|i| (i as f32 * 1.7).sin() * 1e3).collect();
+        let mut r = a.clone();
+        fwht_reference(&mut r);
+        let mut b = a;
+        for (i, j) in RADIX8_PAIRS {
+            let (p, q) = (b[i], b[j]);
+            b[i] = p + q;
+            b[j] = p - q;
+        }
+        assert!(b.iter().zip(&r).all(|(x, y)| x.to_bits() == y.to_bits()));
     }
 
     proptest! {

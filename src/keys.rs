@@ -35,6 +35,14 @@ impl StreamKeys {
         mix32(mix32(w ^ self.k1).wrapping_add(self.k2))
     }
 
+    /// The key words `word(w0)`, `word(w0 + 1)`, ... into `out` (one per 32 positions).
+    #[inline(always)]
+    pub fn fill_words(&self, w0: u32, out: &mut [u32]) {
+        for (k, o) in out.iter_mut().enumerate() {
+            *o = self.word(w0.wrapping_add(k as u32));
+        }
+    }
+
     /// The key (+1.0 or -1.0) of padded position `p`.
     pub fn key(&self, p: u64) -> f32 {
         if (self.word((p >> 5) as u32) >> (p & 31)) & 1 == 1 {

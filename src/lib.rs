@@ -5,7 +5,9 @@
 pub mod codec;
 pub mod elem;
 pub mod hadamard;
+mod kernel;
 pub mod keys;
+mod lanes;
 pub mod pack;
 pub mod quant;
 pub mod simd;

@@ -72,11 +72,43 @@ pub fn pack(codes: &[u8], mode: Mode, out: &mut [u8]) {
     }
 }
 
-/// Lookup tables from a packed byte to the levels it holds.
+/// `TRIT_MUL * w` has in byte 4 `c0 + 3 c1 + 9 c2 + 27 c3 + 81 c4` for the bytes `c0..c7` of
+/// `w` (codes below 3): the coefficients of 2^0..2^24 stay below 256, so nothing carries into
+/// byte 4, and bytes 5..7 only reach higher bytes.
+const TRIT_MUL: u64 = 81 | 27 << 8 | 9 << 16 | 3 << 24 | 1 << 32;
+
+/// `pack` of ternary codes `codes[..l]` into `out` (`packed_len(l)` bytes); `codes` must hold
+/// `l + 8` bytes, of which the 8 past `l` are zeroed here.
+#[inline(always)]
+pub fn pack_trits(codes: &mut [u8], l: usize, out: &mut [u8]) {
+    codes[l..l + 8].fill(0);
+    for (j, o) in out.iter_mut().enumerate() {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&codes[5 * j..5 * j + 8]);
+        *o = (u64::from_le_bytes(w).wrapping_mul(TRIT_MUL) >> 32) as u8;
+    }
+}
+
+/// Bit `k` of `m` (k < 16) moved to bit `2 k`.
+#[inline(always)]
+pub fn spread_bits(m: u32) -> u32 {
+    let mut x = m & 0xffff;
+    x = (x | (x << 8)) & 0x00ff_00ff;
+    x = (x | (x << 4)) & 0x0f0f_0f0f;
+    x = (x | (x << 2)) & 0x3333_3333;
+    (x | (x << 1)) & 0x5555_5555
+}
+
+/// Lookup tables from a packed byte to the levels it holds, and to their Walsh-Hadamard
+/// transform (exact: small integers), with which the decoder skips the transform's first stages.
 pub struct Tables {
     trit: Vec<[f32; 5]>,
     int2: [[f32; 4]; 256],
     sign: [[f32; 8]; 256],
+    /// The transform of the 4 int2 levels of a byte.
+    pub wht_int2: [[f32; 4]; 256],
+    /// The transform of the 8 sign levels (+-1) of a byte.
+    pub wht_sign: [[f32; 8]; 256],
 }
 
 impl Tables {
@@ -100,7 +132,24 @@ impl Tables {
                 *v = if (b >> k) & 1 == 1 { 1.0 } else { -1.0 };
             }
         }
-        Tables { trit, int2, sign }
+        let wht = |v: &[f32]| {
+            let mut v = v.to_vec();
+            crate::hadamard::fwht_reference(&mut v);
+            v
+        };
+        let mut wht_int2 = [[0f32; 4]; 256];
+        let mut wht_sign = [[0f32; 8]; 256];
+        for b in 0..256 {
+            wht_int2[b].copy_from_slice(&wht(&int2[b]));
+            wht_sign[b].copy_from_slice(&wht(&sign[b]));
+        }
+        Tables {
+            trit,
+            int2,
+            sign,
+            wht_int2,
+            wht_sign,
+        }
     }
 
     pub fn get() -> &'static Tables {
@@ -195,6 +244,28 @@ mod tests {
             prop_assert!(Tables::get().unpack_levels(&packed, mode, &mut levels));
             for (c, l) in codes.iter().zip(&levels) {
                 prop_assert_eq!(level(*c, mode), *l);
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn pack_trits_matches_pack(codes in prop::collection::vec(0u8..3, 1..300)) {
+            let l = codes.len();
+            let mut padded = codes.clone();
+            padded.extend([7u8; 8]);
+            let mut a = vec![0u8; packed_len(l, Mode::Ternary)];
+            let mut b = a.clone();
+            pack(&codes, Mode::Ternary, &mut a);
+            pack_trits(&mut padded, l, &mut b);
+            prop_assert_eq!(a, b);
+        }
+
+        #[test]
+        fn spread_bits_interleaves(m in 0u32..0x10000) {
+            for k in 0..32 {
+                let want = k % 2 == 0 && (m >> (k / 2)) & 1 == 1;
+                prop_assert_eq!((spread_bits(m) >> k) & 1 == 1, want);
             }
         }
     }

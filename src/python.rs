@@ -123,7 +123,9 @@ fn decode_any<T: Elem, S: numpy::Element>(
 }
 
 /// Encode a float32 vector into `out` (`body_nbytes` bytes); with `residual`, encode
-/// `x + residual` and leave the new residual in it.
+/// `x + residual` and leave the new residual in it. NaN or Inf raises `ValueError`; with
+/// `check_finite` (the default) the residual is then untouched (it is updated in a second pass
+/// once every block is known finite), without it part of it may be updated.
 #[pyfunction]
 #[pyo3(signature = (x, out, mode, block_log2, seed, stream, residual=None, threads=0, check_finite=true))]
 #[allow(clippy::too_many_arguments)]

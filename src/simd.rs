@@ -1,6 +1,7 @@
-//! Runtime choice of the instruction set for the block kernels. The kernels are plain Rust loops
-//! compiled once per feature level; none of them uses fused multiply-add or reassociates sums,
-//! so every level gives bit-identical results (tested in `codec::tests`).
+//! Runtime choice of the instruction set for the block kernels (`kernel.rs`), which are compiled
+//! once per level against the lane functions of `lanes.rs`: portable loops, AVX2 or AVX-512
+//! intrinsics. None of them uses fused multiply-add or reassociates sums, so every level gives
+//! bit-identical results (tested in `lanes`, `kernel` and `codec::tests`).
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -28,13 +29,20 @@ static LEVEL: AtomicU8 = AtomicU8::new(UNSET);
 pub fn detected() -> Level {
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx512f")
+        // The kernels of both levels also use BMI2 and POPCNT (every AVX2 CPU has them), and
+        // enable FMA (never used for a sum or product, which Rust does not contract).
+        let avx2 = is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("bmi2")
+            && is_x86_feature_detected!("popcnt");
+        if avx2
+            && is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512bw")
             && is_x86_feature_detected!("avx512vl")
         {
             return Level::Avx512;
         }
-        if is_x86_feature_detected!("avx2") {
+        if avx2 {
             return Level::Avx2;
         }
     }
@@ -84,6 +92,8 @@ pub fn cpu_features() -> Vec<&'static str> {
             ("avx", is_x86_feature_detected!("avx")),
             ("avx2", is_x86_feature_detected!("avx2")),
             ("fma", is_x86_feature_detected!("fma")),
+            ("bmi2", is_x86_feature_detected!("bmi2")),
+            ("popcnt", is_x86_feature_detected!("popcnt")),
             ("avx512f", is_x86_feature_detected!("avx512f")),
             ("avx512bw", is_x86_feature_detected!("avx512bw")),
             ("avx512vl", is_x86_feature_detected!("avx512vl")),
@@ -96,27 +106,4 @@ pub fn cpu_features() -> Vec<&'static str> {
     #[cfg(target_arch = "aarch64")]
     v.push("neon");
     v
-}
-
-/// Define `$name` that runs `$body` (a generic function's call) compiled for the active level.
-#[macro_export]
-macro_rules! dispatch {
-    ($vis:vis fn $name:ident <$T:ident : $bound:path> ($($arg:ident : $ty:ty),* $(,)?) -> $ret:ty => $inner:ident) => {
-        $vis fn $name<$T: $bound>($($arg: $ty),*) -> $ret {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma,bmi2")]
-                fn avx2<$T: $bound>($($arg: $ty),*) -> $ret { $inner::<$T>($($arg),*) }
-                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,bmi2")]
-                fn avx512<$T: $bound>($($arg: $ty),*) -> $ret { $inner::<$T>($($arg),*) }
-                match $crate::simd::level() {
-                    // SAFETY: the level is only set to features the CPU reported.
-                    $crate::simd::Level::Avx512 => return unsafe { avx512::<$T>($($arg),*) },
-                    $crate::simd::Level::Avx2 => return unsafe { avx2::<$T>($($arg),*) },
-                    $crate::simd::Level::Scalar => {}
-                }
-            }
-            $inner::<$T>($($arg),*)
-        }
-    };
 }

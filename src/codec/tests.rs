@@ -257,6 +257,32 @@ fn bad_inputs_are_errors() {
 }
 
 #[test]
+fn overflow_when_spread_leaves_residual_untouched() {
+    // Finite inputs whose spread overflows f32 (a block sum of 1024 values near f32::MAX): an
+    // error found in the first pass, after the blocks before it were encoded; with the check the
+    // residual is untouched, without it the blocks before the bad one are updated.
+    let n = 4096;
+    let mut x = gaussian(n, 8);
+    x[3000..3100].fill(3e38);
+    for mode in [Mode::Ternary, Mode::Sign, Mode::Int2] {
+        let p = params(mode, 10);
+        let lay = Layout::new(n, 10, mode).unwrap();
+        let mut out = vec![0u8; lay.body_len()];
+        let mut e = vec![0.25f32; n];
+        assert_eq!(
+            encode(&x, Some(&mut e), &p, &mut out, true),
+            Err(CodecError::NonFinite)
+        );
+        assert!(e.iter().all(|v| *v == 0.25), "{mode:?}");
+        assert_eq!(
+            encode(&x, Some(&mut e), &p, &mut out, false),
+            Err(CodecError::NonFinite)
+        );
+        assert!(e[..1024].iter().any(|v| *v != 0.25), "{mode:?}");
+    }
+}
+
+#[test]
 fn compression_ratio() {
     for (mode, bits) in [(Mode::Ternary, 1.6), (Mode::Sign, 1.0), (Mode::Int2, 2.0)] {
         let lay = Layout::new(1 << 20, 12, mode).unwrap();
