@@ -16,9 +16,19 @@ from .codec import (
     set_num_threads,
 )
 
-from .hooks import VSAState, vsa_hook
+from .hooks import VSAState, vsa_fsdp_hook, vsa_hook
 
 __version__ = _native.__version__
+
+
+def __getattr__(name):
+    # tritter_comm.fsdp (FSDP2's enable) imports torch.distributed.fsdp, seconds of import
+    # time: loaded on first use, not by `import tritter_comm`.
+    if name == "fsdp":
+        import importlib
+
+        return importlib.import_module(".fsdp", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class TritterCommWarning(UserWarning):
@@ -35,7 +45,9 @@ __all__ = [
     "body_nbytes",
     "decode",
     "encode",
+    "fsdp",
     "get_num_threads",
     "set_num_threads",
+    "vsa_fsdp_hook",
     "vsa_hook",
 ]

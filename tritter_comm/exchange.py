@@ -12,6 +12,10 @@ size of a full chunk, so every collective has equal splits.
 Every rank decodes the same bytes, so every rank ends with the same result, bit for bit. Each
 rank sends ``2 (N-1) S`` bytes: the scaling of a ring all-reduce at 1.6 bits an element.
 
+Phase 1 alone is a compressed reduce-scatter (the FSDP hooks): ``Plan.even`` cuts the vector
+into the caller's equal shards (FSDP's, padding included; not block-aligned), ``start`` sends
+them and ``reduce_scatter`` decodes the owned one.
+
 A rank whose input holds NaN or Inf sends bodies whose scales are NaN (its residual untouched);
 the owner's average is then NaN, it sends NaN scales on, and every rank decodes a NaN chunk, so
 ``GradScaler`` sees the overflow everywhere in the same step.
@@ -46,7 +50,7 @@ class Plan:
     world: int
     block_log2: int
     mode_id: int
-    chunk: int  # C, a multiple of the block size
+    chunk: int  # C: a multiple of the block size (make), or numel / world (even)
     slot: int  # S, body bytes of a full chunk
 
     @classmethod
@@ -55,6 +59,18 @@ class Plan:
         per_rank = -(-numel // world)
         chunk = -(-per_rank // block) * block
         # slots rounded up to 4 bytes keep every body's f32 scales aligned
+        slot = -(-_native.body_nbytes(chunk, mode_id, block_log2) // 4) * 4
+        return cls(numel, world, block_log2, mode_id, chunk, slot)
+
+    @classmethod
+    def even(cls, numel: int, world: int, block_log2: int, mode_id: int) -> "Plan":
+        """Chunks of exactly ``numel / world`` elements, block-aligned or not: FSDP's shards.
+
+        Each chunk is encoded as a vector of its own (its last block padded by the codec).
+        """
+        if numel <= 0 or numel % world:
+            raise ValueError(f"cannot cut {numel} elements into {world} equal chunks")
+        chunk = numel // world
         slot = -(-_native.body_nbytes(chunk, mode_id, block_log2) // 4) * 4
         return cls(numel, world, block_log2, mode_id, chunk, slot)
 
@@ -70,6 +86,11 @@ class Plan:
     def wire_bytes(self) -> int:
         """Bytes one rank sends in one exchange: (N-1) slots in each phase."""
         return 2 * (self.world - 1) * self.slot
+
+    @property
+    def reduce_scatter_wire_bytes(self) -> int:
+        """Bytes one rank sends in phase 1 alone (a compressed reduce-scatter)."""
+        return (self.world - 1) * self.slot
 
 
 @dataclasses.dataclass
@@ -165,14 +186,7 @@ class Exchange:
         lo, hi = p.bounds(self.rank)
         mine = torch.zeros(p.slot, dtype=torch.uint8, device=self._recv.device)
         if hi > lo:
-            acc = torch.empty(hi - lo, dtype=torch.float32, device=mine.device)
-            tmp = torch.empty_like(acc)
-            for j in range(p.world):
-                out = acc if j == 0 else tmp
-                _decode(self._recv[j * p.slot:(j + 1) * p.slot], out, seed=self.seed,
-                        stream=self._stream(self.rank, 0), plan=p, timers=self.timers)
-                if j:
-                    acc += tmp
+            acc = self._sum_owned(torch.empty(hi - lo, dtype=torch.float32, device=mine.device))
             acc /= p.world
             _encode(acc, mine, seed=self.seed, stream=self._stream(self.rank, 1), plan=p,
                     residual=server_residual, timers=self.timers)
@@ -180,6 +194,37 @@ class Exchange:
         self._gathered = torch.empty(p.world * p.slot, dtype=torch.uint8, device=mine.device)
         self._ag = torch.distributed.all_gather_into_tensor(self._gathered, mine,
                                                             group=self.group, async_op=True)
+
+    def _sum_owned(self, acc: torch.Tensor) -> torch.Tensor:
+        """Decode the received bodies of the owned chunk and sum them, in rank order, into
+        ``acc`` (flat float32): the same bytes in the same order give the same sum anywhere."""
+        p = self.plan
+        tmp = torch.empty_like(acc)
+        for j in range(p.world):
+            out = acc if j == 0 else tmp
+            _decode(self._recv[j * p.slot:(j + 1) * p.slot], out, seed=self.seed,
+                    stream=self._stream(self.rank, 0), plan=p, timers=self.timers)
+            if j:
+                acc += tmp
+        return acc
+
+    def reduce_scatter(self, out: torch.Tensor, *, average: bool = True) -> torch.Tensor:
+        """Phase 1 only (a reduce-scatter): wait for the all_to_all and write the sum over ranks
+        of this rank's chunk (divided by the world size when ``average``) into ``out``, flat
+        float32 of the chunk's length. Launches no collective; the exchange ends here."""
+        p = self.plan
+        self._a2a.wait()
+        self._a2a = None
+        lo, hi = p.bounds(self.rank)
+        if out.numel() != hi - lo or out.dtype != torch.float32:
+            raise ValueError(f"out must be float32 of {hi - lo} elements, got {out.dtype} "
+                             f"of {out.numel()}")
+        if hi > lo:
+            self._sum_owned(out)
+            if average:
+                out /= p.world
+        self._recv = None
+        return out
 
     def gather_future(self) -> torch.futures.Future:
         return self._ag.get_future()

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from .. import _native
 from ..codec import DEFAULT_BLOCK_SIZE, MODES, _block_log2, _mode_id, _u64
 from ..exchange import MAX_BUCKETS, MAX_WORLD, Exchange, Plan, Timers
+from . import _auto
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,8 @@ __all__ = ["VSAState", "vsa_hook"]
 _STATE_VERSION = 1
 # Config fields every rank must agree on, in the order they are compared.
 _CONFIG_FIELDS = ("format_version", "mode", "block_log2", "seed_lo", "seed_hi", "start_iter",
-                  "min_compress_numel", "error_feedback", "server_error_feedback", "fixed_keys")
+                  "min_compress_numel", "error_feedback", "server_error_feedback", "fixed_keys",
+                  "auto")
 
 
 class VSAState:
@@ -60,6 +62,10 @@ class VSAState:
             re-encoding error's feedback for a smaller gap on short runs.
         fixed_keys: use the same keys every step (stream = bucket and chunk only) instead of
             fresh keys each step. Measured the same (ternary +2.83% fixed, +2.85% fresh).
+        auto: measure, in the first compressed steps and every 1000 steps after, what a plain
+            all-reduce and the compressed exchange of each bucket cost on this link, and
+            compress only the buckets where it is faster; every rank makes the same choice.
+            ``stats()["auto"]`` reports it. See ``tritter_comm/hooks/_auto.py``.
     """
 
     __slots__ = (
@@ -73,6 +79,7 @@ class VSAState:
         "error_feedback",
         "server_error_feedback",
         "fixed_keys",
+        "auto",
         # flags
         "_config_checked",
         # internal state
@@ -89,6 +96,8 @@ class VSAState:
         "_layout",
         "_saved_layout",
         "_param_ids",
+        "_auto",
+        "_fsdp",
     )
 
     def __init__(
@@ -103,6 +112,7 @@ class VSAState:
         error_feedback: bool = True,
         server_error_feedback: bool = True,
         fixed_keys: bool = False,
+        auto: bool = False,
     ):
         _mode_id(mode)
         block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
@@ -124,6 +134,8 @@ class VSAState:
         self.error_feedback = bool(error_feedback)
         self.server_error_feedback = bool(server_error_feedback)
         self.fixed_keys = bool(fixed_keys)
+        self.auto = bool(auto)
+        self._auto = _auto.AutoChoice() if self.auto else None
         self._config_checked = False
         self.iter = 0
         self.residuals: dict[int, torch.Tensor] = {}
@@ -141,6 +153,8 @@ class VSAState:
         self._layout: dict[int, tuple[int, ...]] = {}
         self._saved_layout: Optional[dict[int, tuple[int, ...]]] = None
         self._param_ids: dict[int, int] = {}
+        # The FSDP hooks' per-backward bookkeeping (tritter_comm/hooks/fsdp.py): None until used.
+        self._fsdp = None
 
     # -- configuration -----------------------------------------------------------------------
 
@@ -154,13 +168,14 @@ class VSAState:
             "error_feedback": self.error_feedback,
             "server_error_feedback": self.server_error_feedback,
             "fixed_keys": self.fixed_keys,
+            "auto": self.auto,
         }
 
     def _config_row(self) -> list[int]:
         return [_native.FORMAT_VERSION, MODES[self.mode], _block_log2(self.block_size),
                 self.seed & 0x7FFFFFFF_FFFFFFFF, self.seed >> 63, self.start_iter,
                 self.min_compress_numel, int(self.error_feedback),
-                int(self.server_error_feedback), int(self.fixed_keys)]
+                int(self.server_error_feedback), int(self.fixed_keys), int(self.auto)]
 
     def _check_config(self, device: torch.device) -> None:
         """All ranks compare their configuration; a difference fails on every rank."""
@@ -202,6 +217,7 @@ class VSAState:
             "buckets_uncompressed": self._buckets_plain,
             "encode_seconds": self._timers.encode_seconds,
             "decode_seconds": self._timers.decode_seconds,
+            **(_auto.stats(self) if self.auto else {}),
         }
 
     def _rank_world(self) -> tuple[int, int]:
@@ -226,6 +242,7 @@ class VSAState:
             "server_residuals": {k: v.detach().cpu().clone()
                                  for k, v in self.server_residuals.items()},
             "layout": {k: list(v) for k, v in self._layout.items()},
+            "auto": self._auto.state_dict() if self.auto else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -234,8 +251,8 @@ class VSAState:
                 f"not a VSAState state dict of version {_STATE_VERSION}: "
                 f"got version {state.get('version') if isinstance(state, dict) else state!r}"
             )
-        diff = {k: (v, state["config"].get(k)) for k, v in self.config().items()
-                if state["config"].get(k) != v}
+        saved = {"auto": False, **state["config"]}  # checkpoints from before `auto` existed
+        diff = {k: (v, saved.get(k)) for k, v in self.config().items() if saved.get(k) != v}
         if diff:
             raise ValueError(
                 "checkpoint was saved with a different configuration "
@@ -258,6 +275,9 @@ class VSAState:
         # iteration; until then, buckets are split along the saved layout (see _segments).
         self._saved_layout = dict(self._layout)
         self._pending = []
+        if self.auto:
+            self._auto.load_state_dict(state.get("auto"))
+        self._fsdp = None
 
     def __getstate__(self):
         # The process group cannot be pickled; the unpickled state uses the default group.
@@ -413,12 +433,16 @@ def vsa_hook(state: VSAState, bucket: dist.GradBucket) -> torch.futures.Future[t
             if not state._config_checked:
                 state._check_config(t.device)
             t0 = time.perf_counter()
-            fut = _start_compressed(state, bucket, world)
-            _reduce_pending(state, keep_last=not last)
+            fut = _auto.exchange(state, bucket, world) if state.auto else None
+            if fut is None:  # compressed (auto: a probe step or a plain bucket returns its own)
+                fut = _start_compressed(state, bucket, world)
+                _reduce_pending(state, keep_last=not last)
             logger.debug("bucket %d: hook %.1f ms", bucket.index(),
                          1e3 * (time.perf_counter() - t0))
         if last:
             _reduce_pending(state, keep_last=False)
+            if state.auto and world > 1:
+                _auto.end_step(state, bucket.index() + 1, t.device)  # collective: hook call only
     finally:
         if last:
             state.iter += 1
