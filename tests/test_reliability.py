@@ -21,3 +21,12 @@ def test_killed_rank_stops_the_others_with_an_error(world):
     # gloo notices the closed connection long before the 60 s process-group timeout
     assert all(float(s) < 60 for s in survivors), survivors
     assert time.monotonic() - t0 < 150
+
+
+def test_version_skew_fails_on_every_rank_naming_it():
+    with pytest.raises(RuntimeError) as e:
+        run(W.train_with_version, 2, versions=[1000, 2000], steps=5,
+            hook=dict(start_iter=2, min_compress_numel=1000))
+    msg = str(e.value)
+    assert msg.count("configured differently") == 2, msg
+    assert "package_version: rank 0=1000, rank 1=2000" in msg

@@ -30,9 +30,16 @@ __all__ = ["VSAState", "vsa_hook"]
 
 _STATE_VERSION = 1
 # Config fields every rank must agree on, in the order they are compared.
-_CONFIG_FIELDS = ("format_version", "mode", "block_log2", "seed_lo", "seed_hi", "start_iter",
-                  "min_compress_numel", "error_feedback", "server_error_feedback", "fixed_keys",
-                  "auto")
+_CONFIG_FIELDS = ("format_version", "package_version", "mode", "block_log2", "seed_lo", "seed_hi",
+                  "start_iter", "min_compress_numel", "error_feedback", "server_error_feedback",
+                  "fixed_keys", "auto")
+
+
+def _version_number() -> int:
+    """tritter-comm's version as one integer (1.2.3 -> 1002003), compared across ranks."""
+    parts = (_native.__version__.split("+")[0].split(".") + ["0", "0"])[:3]
+    return sum(int("".join(c for c in p if c.isdigit()) or 0) * 1000**i
+               for i, p in enumerate(reversed(parts)))
 
 
 class VSAState:
@@ -172,7 +179,8 @@ class VSAState:
         }
 
     def _config_row(self) -> list[int]:
-        return [_native.FORMAT_VERSION, MODES[self.mode], _block_log2(self.block_size),
+        return [_native.FORMAT_VERSION, _version_number(), MODES[self.mode],
+                _block_log2(self.block_size),
                 self.seed & 0x7FFFFFFF_FFFFFFFF, self.seed >> 63, self.start_iter,
                 self.min_compress_numel, int(self.error_feedback),
                 int(self.server_error_feedback), int(self.fixed_keys), int(self.auto)]
