@@ -206,3 +206,16 @@ def test_non_finite_gradient_reaches_every_rank_and_spares_residuals():
             elif step > 2:
                 assert finite and not skipped
     assert_replicas_identical(res)
+
+
+def test_bfloat16_residuals_halve_the_memory_and_train():
+    res = run(W.train, 2, steps=40, hook=dict(HOOK, residual_dtype="bfloat16"), cap=0.1)
+    assert_replicas_identical(res)
+    sd = torch.load(io.BytesIO(res[0]["state_bytes"]), weights_only=True)
+    assert sd["residuals"] and all(r.dtype == torch.bfloat16 for r in sd["residuals"].values())
+    assert all(r.dtype == torch.bfloat16 for r in sd["server_residuals"].values())
+    assert any(r.abs().sum() > 0 for r in sd["residuals"].values())
+    losses = res[0]["losses"]
+    assert mean(losses[-5:]) < 0.7 * mean(losses[:5])
+    with pytest.raises(ValueError, match="residual_dtype"):
+        tritter_comm.VSAState(residual_dtype="float16")

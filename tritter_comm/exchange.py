@@ -113,13 +113,22 @@ def _nblocks(n: int, block_log2: int) -> int:
 
 
 def _encode(x, slot, *, seed, stream, plan, residual, timers) -> bool:
-    """Encode into ``slot``; on NaN/Inf poison it instead and leave ``residual`` as it was."""
+    """Encode into ``slot``; on NaN/Inf poison it instead and leave ``residual`` as it was.
+
+    A residual kept in a narrower dtype (``VSAState(residual_dtype=torch.bfloat16)``, half the
+    memory) is widened to float32 for the encode and rounded back after it.
+    """
     t0 = time.perf_counter()
     n = x.numel()
+    work = residual
+    if residual is not None and residual.dtype != x.dtype:
+        work = residual.to(x.dtype)
     try:
         encode_body_into(x, slot[: _native.body_nbytes(n, plan.mode_id, plan.block_log2)],
                          seed=seed, stream=stream, mode_id=plan.mode_id,
-                         block_log2=plan.block_log2, residual=residual, check_finite=True)
+                         block_log2=plan.block_log2, residual=work, check_finite=True)
+        if work is not residual:
+            residual.copy_(work)
         ok = True
     except ValueError:
         _poison(slot, _nblocks(n, plan.block_log2))

@@ -35,6 +35,9 @@ _CONFIG_FIELDS = ("format_version", "package_version", "mode", "block_log2", "se
                   "fixed_keys", "auto")
 
 
+_RESIDUAL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def _version_number() -> int:
     """tritter-comm's version as one integer (1.2.3 -> 1002003), compared across ranks."""
     parts = (_native.__version__.split("+")[0].split(".") + ["0", "0"])[:3]
@@ -73,6 +76,10 @@ class VSAState:
             all-reduce and the compressed exchange of each bucket cost on this link, and
             compress only the buckets where it is faster; every rank makes the same choice.
             ``stats()["auto"]`` reports it. See ``tritter_comm/hooks/_auto.py``.
+        residual_dtype: ``"float32"`` or ``"bfloat16"``. The client residuals take as much
+            memory as the fp32 gradients they shadow (plus 1/N of that for the server's);
+            bfloat16 halves it, at the cost of rounding what is carried to the next step.
+            Ranks may differ here.
     """
 
     __slots__ = (
@@ -87,6 +94,7 @@ class VSAState:
         "server_error_feedback",
         "fixed_keys",
         "auto",
+        "residual_dtype",
         # flags
         "_config_checked",
         # internal state
@@ -120,6 +128,7 @@ class VSAState:
         server_error_feedback: bool = True,
         fixed_keys: bool = False,
         auto: bool = False,
+        residual_dtype: str = "float32",
     ):
         _mode_id(mode)
         block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
@@ -141,6 +150,11 @@ class VSAState:
         self.error_feedback = bool(error_feedback)
         self.server_error_feedback = bool(server_error_feedback)
         self.fixed_keys = bool(fixed_keys)
+        if residual_dtype not in _RESIDUAL_DTYPES:
+            raise ValueError(
+                f"residual_dtype must be one of {sorted(_RESIDUAL_DTYPES)}, got {residual_dtype!r}"
+            )
+        self.residual_dtype = residual_dtype
         self.auto = bool(auto)
         self._auto = _auto.AutoChoice() if self.auto else None
         self._config_checked = False
@@ -176,6 +190,7 @@ class VSAState:
             "server_error_feedback": self.server_error_feedback,
             "fixed_keys": self.fixed_keys,
             "auto": self.auto,
+            "residual_dtype": self.residual_dtype,
         }
 
     def _config_row(self) -> list[int]:
@@ -259,7 +274,8 @@ class VSAState:
                 f"not a VSAState state dict of version {_STATE_VERSION}: "
                 f"got version {state.get('version') if isinstance(state, dict) else state!r}"
             )
-        saved = {"auto": False, **state["config"]}  # checkpoints from before `auto` existed
+        # checkpoints from before `auto` and `residual_dtype` existed
+        saved = {"auto": False, "residual_dtype": "float32", **state["config"]}
         diff = {k: (v, saved.get(k)) for k, v in self.config().items() if saved.get(k) != v}
         if diff:
             raise ValueError(
@@ -304,7 +320,7 @@ class VSAState:
                 # The bucket layout changed (e.g. a resumed job before DDP's rebuild).
                 logger.info("bucket %d changed size (%d -> %d): residual reset", key,
                             r.numel(), n)
-            r = torch.zeros(n, dtype=torch.float32, device=device)
+            r = torch.zeros(n, dtype=_RESIDUAL_DTYPES[self.residual_dtype], device=device)
             store[key] = r
         elif r.device != device:
             r = r.to(device)
