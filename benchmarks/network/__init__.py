@@ -1,0 +1,2 @@
+"""Step-time benchmark on throttled links (issue 4): see ``run.py``; ``netns.py`` builds the
+network namespaces and ``tc`` limits, ``rank.py`` is one rank of a run."""

@@ -1,0 +1,5 @@
+import sys
+
+from benchmarks.network.run import main
+
+sys.exit(main())
