@@ -46,13 +46,9 @@ SIZES = ("small", "large")
 
 # Fixed, sorted list of standard-library modules whose sources form the text corpus. A module that
 # is a package contributes its __init__.py. Modules missing from this Python are skipped; the list
-# actually used and the corpus hash are in Workload.info so results stay comparable.
-STDLIB_MODULES = (
-    "argparse", "ast", "calendar", "collections", "configparser", "dataclasses", "datetime",
-    "difflib", "enum", "fractions", "functools", "inspect", "json", "logging", "pathlib", "pickle",
-    "random", "shutil", "statistics", "string", "subprocess", "tarfile", "textwrap", "threading",
-    "typing", "zipfile",
-)  # fmt: skip
+# actually used and the corpus hash are in Workload.info so results stay comparable. One list for
+# the benchmarks and the installed demo (tritter_comm/_demo.py), so both train on the same text.
+from tritter_comm._demo import STDLIB_MODULES  # noqa: E402
 
 _HELD_OUT_FRACTION = 0.1
 _DIGITS_SPLIT_SEED = 0  # the train/eval split is fixed, independent of the run seed
