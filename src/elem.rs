@@ -1,6 +1,7 @@
 //! Element types the codec accepts: f32, f16 and bf16. The codec computes in f32; conversions
 //! back round to nearest even, as torch does.
 
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
 use crate::lanes::{Lanes, LANES};
@@ -36,6 +37,14 @@ impl Elem for f32 {
         self
     }
     #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn is_finite(self) -> bool {
+        self.to_bits() & 0x7f80_0000 != 0x7f80_0000
+    }
+    #[inline(always)]
     fn load16(s: &[Self]) -> Lanes {
         let mut r = crate::lanes::ZERO;
         r.copy_from_slice(&s[..LANES]);
@@ -44,14 +53,6 @@ impl Elem for f32 {
     #[inline(always)]
     fn store16(d: &mut [Self], v: Lanes) {
         d[..LANES].copy_from_slice(&v);
-    }
-    #[inline(always)]
-    fn from_f32(v: f32) -> Self {
-        v
-    }
-    #[inline(always)]
-    fn is_finite(self) -> bool {
-        self.to_bits() & 0x7f80_0000 != 0x7f80_0000
     }
 }
 
@@ -88,6 +89,18 @@ impl Elem for f16 {
     #[inline(always)]
     fn is_finite(self) -> bool {
         self.to_bits() & 0x7c00 != 0x7c00
+    }
+    // half's slice conversions: F16C 4 or 8 at a time where the CPU has it, the same rounding as
+    // the element ones.
+    #[inline(always)]
+    fn load16(s: &[Self]) -> Lanes {
+        let mut r = crate::lanes::ZERO;
+        s[..LANES].convert_to_f32_slice(&mut r);
+        r
+    }
+    #[inline(always)]
+    fn store16(d: &mut [Self], v: Lanes) {
+        d[..LANES].convert_from_f32_slice(&v);
     }
 }
 

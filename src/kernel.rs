@@ -39,8 +39,9 @@ pub struct Scratch {
     words: Vec<u32>,
     /// One code per element, and 80 bytes of room for `pack_trits`.
     codes: Vec<u8>,
-    /// `u` of a tail block, zero-padded; `xhat` of a tail block.
+    /// `u` of a tail block, zero-padded; `xhat` of a tail block (allocated at the first tail).
     staged: Vec<f32>,
+    /// Scratch of the literal path (allocated at its first block).
     tmp: Vec<f32>,
     /// The order the worker visits its blocks in: +1 forward, -1 backward (for prefetching).
     direction: isize,
@@ -54,8 +55,8 @@ impl Scratch {
             parts: vec![ZERO; r.div_ceil(2)],
             words: vec![0; block.div_ceil(32)],
             codes: vec![0; block + 80],
-            staged: vec![0.0; block],
-            tmp: vec![0.0; block],
+            staged: Vec::new(),
+            tmp: Vec::new(),
             direction: 1,
         }
     }
@@ -592,6 +593,7 @@ fn analyze_literal(
     bind(buf, keys, offset);
     fwht(buf);
     let codes = &mut s.codes[..l];
+    s.tmp.resize(l, 0.0);
     let scale = quantize(buf, mode, codes, &mut s.tmp)?;
     pack(codes, mode, data);
     Some(scale)
@@ -637,6 +639,7 @@ pub fn analyze<T: Elem>(
         analyze_vec(x, e, l, offset, keys, mode, s, data)
     } else {
         // A tail block: stage u zero-padded, then the vector path if it is long enough.
+        s.staged.resize(s.staged.len().max(l), 0.0);
         let staged = &mut s.staged[..l];
         match e {
             Some(e) => {
@@ -685,6 +688,7 @@ pub fn synth<T: Elem>(
         return synth_vec(data, scale, l, offset, keys, mode, s, sink);
     }
     // A tail block: xhat into `staged`, then cast or subtract element by element.
+    s.staged.resize(s.staged.len().max(l), 0.0);
     if l >= MIN_VEC_BLOCK {
         let mut staged = std::mem::take(&mut s.staged);
         let res = synth_vec(
@@ -764,6 +768,7 @@ mod tests {
                     let len = crate::pack::packed_len(l, mode);
                     let offset = (l as u64) * 5;
                     let mut want = vec![0u8; len];
+                    s.staged.resize(l, 0.0);
                     s.staged[..l].copy_from_slice(&u);
                     let scale = analyze_literal(l, offset, &keys, mode, &mut s, &mut want).unwrap();
                     synth_literal(&want, scale, l, offset, &keys, mode, &mut s).unwrap();
