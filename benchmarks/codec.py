@@ -2,16 +2,19 @@
 
 GB/s are of fp32 input (4 bytes an element), medians of ``--repeats`` runs after one warm-up:
 
-1. per size: the Rust codec on 1 thread and on all threads, the torch codec on CPU, and a numpy
-   copy of the same data as the memory-bandwidth reference, side by side, with the encode-only
-   and decode-only times and the ratios to torch;
+1. per size: the Rust codec on 1 thread and on all threads, the torch codec on CPU (1 thread and
+   torch's default), and a numpy copy of the same data as the memory-bandwidth reference, side
+   by side, with the encode-only and decode-only rates and the ratios to torch on as many
+   threads and to the copy;
 2. every mode on Rust, per size and thread count;
 3. a block-size sweep (256 to 65536) on 1 thread with throughput, payload bits per element and
-   the relative error of one encode/decode, which the default block size is chosen from.
+   the relative error of one encode/decode, which the default block size is chosen from (the
+   cases take turns in every repeat, so that a change in load falls on all of them alike).
 
 The codec is timed as the hooks run it: ``encode_body_into`` and ``decode_body_into`` into
 preallocated buffers. The ``rust api`` row times ``tritter_comm.encode``/``decode``, whose fresh
-output tensor costs a page fault per 4 KiB on first touch. Prints tables and writes
+output tensor costs a page fault per 4 KiB on first touch. The Rust cases of a size take turns
+in every repeat, so that a change in the machine's load falls on all of them alike. Prints tables and writes
 ``benchmarks/results/codec.json`` with the machine, versions and settings::
 
     python -m benchmarks.codec                  # 1M, 16M and 64M elements
@@ -29,6 +32,7 @@ import platform
 import statistics
 import subprocess
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -138,16 +142,56 @@ def bench_codec(
     return {**t, **_rates(n, t), "bits_per_element": 8 * (body.numel() + 32) / n}
 
 
-def bench_api(x: torch.Tensor, e0: torch.Tensor, *, repeats: int) -> dict[str, Any]:
-    """``tritter_comm.encode``/``decode``, allocating the payload and the output each call."""
+def bench_rust(
+    x: torch.Tensor, e0: torch.Tensor, cases: list[dict[str, Any]], *, repeats: int
+) -> list[dict[str, Any]]:
+    """The Rust codec in each case (``threads``, ``mode``, ``block_size``, and ``api``: through
+    ``tritter_comm.encode``/``decode``, which allocate the payload and the output), the cases
+    taking turns in every repeat so that a change in the machine's load falls on all alike."""
+    n = x.numel()
     e = e0.clone()
-    box: dict[str, Any] = {}
+    y = torch.empty_like(x)
+    runs = []
+    for c in cases:
+        mode, block = c.get("mode", "ternary"), c.get("block_size", DEFAULT_BLOCK_SIZE)
+        mode_id, blog = MODES[mode], block.bit_length() - 1
+        body = torch.empty(_native.body_nbytes(n, mode_id, blog), dtype=torch.uint8)
+        if c.get("api"):
+            box: dict[str, Any] = {}
+            kw = {"seed": SEED, "stream": STREAM, "mode": mode, "block_size": block}
 
-    def enc():
-        box["p"] = tc.encode(x, residual=e, seed=SEED, stream=STREAM, backend="rust")
+            def enc(kw=kw, box=box):
+                box["p"] = tc.encode(x, residual=e, backend="rust", **kw)
 
-    t = _time_pair(enc, lambda: tc.decode(box["p"], backend="rust"), repeats)
-    return {**t, **_rates(x.numel(), t)}
+            def dec(box=box):
+                tc.decode(box["p"], backend="rust")
+        else:
+            kw = {"seed": SEED, "stream": STREAM, "mode_id": mode_id, "block_log2": blog}
+            enc = partial(encode_body_into, x, body, residual=e, backend="rust", **kw)
+            dec = partial(decode_body_into, body, y, backend="rust", **kw)
+        with _Threads(c["threads"]):
+            enc()
+            dec()
+        runs.append((c["threads"], enc, dec, body.numel(), [], []))
+    for _ in range(repeats):
+        for threads, enc, dec, _, te, td in runs:
+            with _Threads(threads):
+                t0 = time.perf_counter()
+                enc()
+                t1 = time.perf_counter()
+                dec()
+                t2 = time.perf_counter()
+            te.append(t1 - t0)
+            td.append(t2 - t1)
+    out = []
+    for _, _, _, nbytes, te, td in runs:
+        t = {
+            "enc_s": statistics.median(te),
+            "dec_s": statistics.median(td),
+            "enc_dec_s": statistics.median([a + b for a, b in zip(te, td)]),
+        }
+        out.append({**t, **_rates(n, t), "bits_per_element": 8 * (nbytes + 32) / n})
+    return out
 
 
 def bench_copy(x: torch.Tensor, *, repeats: int) -> dict[str, Any]:
@@ -233,43 +277,46 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         base = {"size": n, "label": _label(n)}
         copy = bench_copy(x, repeats=args.repeats)
         main_rows.append({**base, "impl": "numpy copy", "threads": 1, **copy})
-        for threads in (1, 0):
-            with _Threads(threads):
-                r = bench_codec(x, e0, backend="rust", repeats=args.repeats)
-            nthreads = threads or all_threads
-            main_rows.append({**base, "impl": "rust", "threads": nthreads, **r})
-            for mode in MODES:
-                with _Threads(threads):
-                    m = bench_codec(x, e0, backend="rust", mode=mode, repeats=args.repeats)
-                mode_rows.append({**base, "mode": mode, "threads": nthreads, **m})
-        with _Threads(1):
-            main_rows.append(
-                {**base, "impl": "rust api", "threads": 1, **bench_api(x, e0, repeats=args.repeats)}
-            )
-        torch_row = None
+        cases = [{"threads": t, "mode": m} for t in (1, 0) for m in MODES]
+        cases.append({"threads": 1, "api": True})
+        for c, r in zip(cases, bench_rust(x, e0, cases, repeats=args.repeats)):
+            nthreads = c["threads"] or all_threads
+            if c.get("api"):
+                main_rows.append({**base, "impl": "rust api", "threads": 1, **r})
+                continue
+            mode_rows.append({**base, "mode": c["mode"], "threads": nthreads, **r})
+            if c["mode"] == "ternary":
+                main_rows.append({**base, "impl": "rust", "threads": nthreads, **r})
+        torch_rows: dict[int, dict[str, Any]] = {}
         if n <= args.torch_max:
-            t = bench_codec(x, e0, backend="torch", repeats=args.repeats)
-            torch_row = {**base, "impl": "torch", "threads": torch.get_num_threads(), **t}
-            main_rows.append(torch_row)
+            default = torch.get_num_threads()
+            for threads in sorted({1, default}):
+                torch.set_num_threads(threads)
+                try:
+                    t = bench_codec(x, e0, backend="torch", repeats=args.repeats)
+                finally:
+                    torch.set_num_threads(default)
+                torch_rows[threads] = {**base, "impl": "torch", "threads": threads, **t}
+                main_rows.append(torch_rows[threads])
         for r in main_rows:
             if r["size"] != n or r["impl"] == "numpy copy":
                 continue
             r["vs_copy"] = r["enc_dec_gbps"] / copy["copy_gbps"]
-            if torch_row is not None:
-                r["vs_torch"] = r["enc_dec_gbps"] / torch_row["enc_dec_gbps"]
+            # against torch on as many threads, or on its default number
+            ref = torch_rows.get(r["threads"]) or torch_rows.get(torch.get_num_threads())
+            if ref is not None:
+                r["vs_torch"] = r["enc_dec_gbps"] / ref["enc_dec_gbps"]
         del x, e0
 
     x, e0 = _inputs(sweep_n)
-    with _Threads(1):
-        for block in BLOCKS:
-            for mode in MODES:
-                r = bench_codec(
-                    x, e0, backend="rust", mode=mode, block_size=block, repeats=args.repeats
-                )
-                err = rel_error(x, mode=mode, block_size=block)
-                sweep_rows.append(
-                    {"size": sweep_n, "block_size": block, "mode": mode, "rel_error": err, **r}
-                )
+    cases = [{"threads": 1, "block_size": b, "mode": m} for b in BLOCKS for m in MODES]
+    for c, r in zip(cases, bench_rust(x, e0, cases, repeats=args.repeats)):
+        block, mode = c["block_size"], c["mode"]
+        with _Threads(1):
+            err = rel_error(x, mode=mode, block_size=block)
+        sweep_rows.append(
+            {"size": sweep_n, "block_size": block, "mode": mode, "rel_error": err, **r}
+        )
     return {
         "benchmark": "codec",
         "settings": {
