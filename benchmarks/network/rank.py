@@ -43,6 +43,23 @@ def _append(path: str, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+_BUILD: dict[str, Any] = {}
+
+
+def _native_build() -> dict[str, Any]:
+    """Which build of the Rust extension this process loaded (hashed at import, in main: the
+    file may be rebuilt while a run goes on)."""
+    if not _BUILD:
+        import hashlib
+
+        import tritter_comm
+
+        path = Path(tritter_comm._native.__file__)
+        _BUILD.update(sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+                      version=getattr(tritter_comm, "__version__", None))
+    return dict(_BUILD)
+
+
 def _stop(rank: int, decide: bool) -> bool:
     """Rank 0's decision, the same on every rank."""
     flag = torch.tensor([int(decide) if rank == 0 else 0])
@@ -125,7 +142,7 @@ def run_mode(spec: dict[str, Any], mode: dict[str, Any], rank: int, world: int) 
         progress(mode["label"], dt, run.steps)
         times.append(dt)
         losses.append(loss)
-        timed_s += dt
+        timed_s += dt + (base_times[-1] if base is not None else 0.0)
         # at least `timed` steps; more, up to `max_timed`, while they are cheap
         if _stop(rank, len(times) >= mode["max_timed"]
                  or (len(times) >= mode["timed"] and timed_s >= spec["timed_budget_s"])):
@@ -147,11 +164,15 @@ def run_mode(spec: dict[str, Any], mode: dict[str, Any], rank: int, world: int) 
         "replicas_identical": len(set(digests)) == 1,
         "ddp_bucket_bytes": _bucket_sizes(run.ddp),
         "workload_info": run.w.info,
+        "native": _native_build(),
     }
     if base is not None:
         b = _slowest(base_times, world)
+        base_digests = [None] * world
+        dist.all_gather_object(base_digests, _param_digest(base.ddp.module))
         row["paired"] = {
             "with": mode["pair_with"],
+            "replicas_identical": len(set(base_digests)) == 1,
             "step_s": b,
             "step_s_median": statistics.median(b),
             # per pair of neighbouring steps, then the median: drift cancels
@@ -170,6 +191,7 @@ def main() -> int:
     spec = json.loads(Path(sys.argv[1]).read_text())
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
+    _native_build()
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world,
                             timeout=_dt.timedelta(seconds=spec["collective_timeout_s"]))
     try:
