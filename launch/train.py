@@ -23,6 +23,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -88,6 +89,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="auto: the latest checkpoint in --checkpoint-dir; or a step_N folder")
     g.add_argument("--summary-json", default=None, help="rank 0 writes the final numbers here")
+    g.add_argument("--fail-at-step", type=int, default=None, metavar="N",
+                   help="testing the recovery: on the first attempt (TORCHELASTIC_RESTART_COUNT "
+                        "0 or unset) the last rank SIGKILLs itself after the backward pass of "
+                        "step N, mid-exchange for the others")
     args = p.parse_args(argv)
     if args.phase:
         p.error("--phase: phase-based training (tritter_comm.optim.PhaseOptimizer) is not "
@@ -106,6 +111,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------- process group
 
 
+def first_attempt() -> bool:
+    """Whether this is the job's first attempt (torchrun counts restarts in the environment)."""
+    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+
+
 def init_distributed(device_arg: str) -> tuple[int, int, torch.device]:
     """Join the process group torchrun set up (or a one-process group when run directly)."""
     if "RANK" not in os.environ:  # plain `python launch/train.py`: a group of one
@@ -121,8 +131,24 @@ def init_distributed(device_arg: str) -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=_dt.timedelta(minutes=5))
+    timeout = _dt.timedelta(minutes=5)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout,
+                            **attempt_store(timeout))
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def attempt_store(timeout: _dt.timedelta) -> dict:
+    """Under torchrun, the store of this attempt. The agent's store outlives a restart, and the
+    process group's keys are the same in every attempt: a restarted rank could read the address a
+    killed rank of the previous attempt published, and gloo then fails to connect ("Connection
+    refused"), as happened in tests/test_launch.py. A prefix per attempt keeps them apart."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          is_master=False, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dict(store=dist.PrefixStore(f"tritter_comm/attempt_{attempt}", store),
+                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
 
 
 # ------------------------------------------------------------------------------------ wrapping
@@ -321,6 +347,9 @@ def main(argv=None) -> int:
         loss = F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if step + 1 == args.fail_at_step and rank == world - 1 and first_attempt():
+            print(f"rank {rank}: --fail-at-step {args.fail_at_step}: SIGKILL", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
         opt.step()
         sched.step()
         done = step + 1

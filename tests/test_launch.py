@@ -33,6 +33,25 @@ def test_torchrun_one_node_vsa_checkpoint_and_exact_resume(tmp_path):
     assert b["start"] == 3 and b["params_sha256"] == a["params_sha256"]
 
 
+def test_torchrun_max_restarts_recovers_a_killed_rank(tmp_path):
+    """A rank is SIGKILLed mid-exchange in step 5; torchrun (MAX_RESTARTS=1) stops the other rank,
+    restarts both, they resume from the step-3 checkpoint and end with the parameters of an
+    uninterrupted run."""
+    common = ["--comm", "vsa", "--start-iter", "2", "--steps", "7", *SHORT,
+              "--checkpoint-every", "3", "--resume", "auto"]
+    run(["bash", TORCHRUN_SH, *common, "--checkpoint-dir", tmp_path / "a",
+         "--summary-json", tmp_path / "a.json"], PYTHON=sys.executable)
+    p = run(["bash", TORCHRUN_SH, *common, "--checkpoint-dir", tmp_path / "b", "--fail-at-step",
+             "5", "--summary-json", tmp_path / "b.json"], PYTHON=sys.executable, MAX_RESTARTS="1",
+            timeout=400)
+    log = p.stdout + p.stderr
+    assert "--fail-at-step 5: SIGKILL" in log and "resumed from" in log, log[-4000:]
+    a, b = _summary(tmp_path / "a.json"), _summary(tmp_path / "b.json")
+    assert a["start"] == 0 and b["start"] == 3
+    assert b["hook_stats"]["buckets_compressed"] > 0
+    assert b["params_sha256"] == a["params_sha256"]
+
+
 def test_torchrun_two_nodes_rendezvous(tmp_path):
     extra = dict(NNODES="2", NPROC="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                  JOB_ID=f"test{free_port()}", PYTHON=sys.executable)
