@@ -159,9 +159,12 @@ def _full_params(api, model):
 def train(rank, world, *, api="fsdp1", strategy="FULL_SHARD", steps=20, hook=None, width=64,
           depth=4, branches=False, flip_odd=False, accumulate=1, reduce_dtype=None,
           count_from=None, save_at=None, save_path=None, load_path=None, lr=3e-3,
-          grads_at=(), divide_factor=None, force_sum=False):
+          grads_at=(), divide_factor=None, force_sum=False, nan_at=None):
     """Train ``Net`` under FSDP1 (``api="fsdp1"``) or FSDP2 (``"fsdp2"``) with the compressed
-    exchange (``hook``: VSAState kwargs) or FSDP's own (``hook=None``)."""
+    exchange (``hook``: VSAState kwargs) or FSDP's own (``hook=None``). ``nan_at=(rank, step)``:
+    that rank's loss is NaN in that step; every step then records whether this rank's gradient
+    is finite and whether the hook's residuals are, and a non-finite step is skipped (as
+    GradScaler would)."""
     torch.manual_seed(0)
     model = Net(width=width, depth=depth, branches=branches)
     n_params = sum(p.numel() for p in model.parameters())
@@ -190,7 +193,7 @@ def train(rank, world, *, api="fsdp1", strategy="FULL_SHARD", steps=20, hook=Non
         if state is not None:
             state.load_state_dict(torch.load(f"{load_path}.hook{rank}", weights_only=True))
         start = ck["step"]
-    losses, grads = [], []
+    losses, grads, nonfinite = [], [], []
     counter = ByteCounter() if count_from is not None else None
     stats_at_count = None
     with _recording_units() as order:
@@ -217,10 +220,20 @@ def train(rank, world, *, api="fsdp1", strategy="FULL_SHARD", steps=20, hook=Non
                         ctx = contextlib.nullcontext() if last else model.no_sync()
                     with ctx:
                         loss = nn.functional.cross_entropy(model(x), y)
+                        if nan_at == (rank, step):
+                            loss = loss * float("nan")
                         loss.backward()
                 if step in grads_at:
                     grads.append(torch.cat([_local(p.grad).detach().float().flatten()
                                             for p in model.parameters()]).numpy().tobytes())
+                if nan_at is not None:
+                    finite = all(bool(torch.isfinite(_local(p.grad)).all())
+                                 for p in model.parameters() if p.grad is not None)
+                    res = [*state.residuals.values(), *state.server_residuals.values()]
+                    nonfinite.append((step, finite, all(bool(torch.isfinite(r).all())
+                                                        for r in res), len(res)))
+                    if not finite:
+                        continue
                 opt.step()
                 losses.append(loss.item())
         finally:
@@ -238,6 +251,7 @@ def train(rank, world, *, api="fsdp1", strategy="FULL_SHARD", steps=20, hook=Non
         "residual_keys": sorted(state.residuals) if state else None,
         "order": order,
         "grads": grads,
+        "nonfinite": nonfinite,
     }
 
 

@@ -37,6 +37,7 @@ def _runs(api, path):
         flipped=dict(steps=12, branches=True, flip_odd=True, hook=HOOK),
         full=dict(steps=16, save_at=8, save_path=path, hook=dict(HOOK, start_iter=4)),
         resumed=dict(steps=16, load_path=path, hook=dict(HOOK, start_iter=4)),
+        nan=dict(steps=8, nan_at=(1, 5), hook=HOOK),
     )
     if api == "fsdp1":
         runs.update(
@@ -172,6 +173,19 @@ def test_checkpoint_resume_is_exact(api):
         assert resumed["local"] == full["local"]
         assert resumed["losses"] == full["losses"][8:]
         assert resumed["stats"]["iter"] == 16 and resumed["stats"]["steps"] == 8
+
+
+def test_non_finite_gradient_reaches_every_rank_and_spares_residuals(api):
+    _, res = api
+    for rank, r in enumerate(res):
+        rows = r["nan"]["nonfinite"]
+        assert [row[0] for row in rows] == list(range(8))
+        for step, finite, residuals_finite, n_residuals in rows:
+            assert residuals_finite, f"rank {rank}: a residual was poisoned at step {step}"
+            assert finite == (step != 5), f"rank {rank}, step {step}: gradient finite={finite}"
+            if step >= 2:  # compressing since start_iter: the NaN went through the codec
+                assert n_residuals > 0
+    assert res[0]["nan"]["full"] == res[1]["nan"]["full"]
 
 
 def test_enable_names_the_torch_it_needs(monkeypatch):
