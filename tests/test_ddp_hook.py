@@ -74,9 +74,10 @@ def test_loss_decreases_like_uncompressed():
     assert c < b * 1.25 + 0.02, (b, c)
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_bytes_counted_at_collectives(world):
-    res = run(W.train, world, steps=8, hook=HOOK, cap=0.5, count=True, count_from=2,
+@pytest.mark.parametrize("world, hook", [(2, HOOK), (3, HOOK),
+                                         (2, dict(HOOK, phase2_mode="int2"))])
+def test_bytes_counted_at_collectives(world, hook):
+    res = run(W.train, world, steps=8, hook=hook, cap=0.5, count=True, count_from=2,
               tiny=False, width=512)
     for r in res:
         st, st0 = r["stats"], r["stats_at_count"]
@@ -157,6 +158,13 @@ def test_mismatched_config_fails_on_every_rank():
     assert "mode: rank 0=0, rank 1=1" in msg
 
 
+def test_mismatched_phase2_mode_fails_naming_it():
+    with pytest.raises(RuntimeError) as e:
+        run(W.train, 2, steps=5, hook_per_rank=[dict(HOOK), dict(HOOK, phase2_mode="int2")])
+    msg = str(e.value)
+    assert msg.count("configured differently") == 2 and "phase2_mode: rank 0=0, rank 1=2" in msg
+
+
 def test_state_dict_loads_weights_only_and_state_pickles():
     res = run(W.train, 2, steps=6, hook=HOOK, cap=0.05)
     sd = torch.load(io.BytesIO(res[0]["state_bytes"]), weights_only=True)
@@ -181,11 +189,20 @@ def test_state_dict_loads_weights_only_and_state_pickles():
         (dict(block_size=300), "block_size"),
         (dict(min_compress_numel=0), "min_compress_numel"),
         (dict(seed=-1), "seed"),
+        (dict(phase2_mode="int4"), "phase2_mode"),
+        (dict(error_feedback="sometimes"), "error_feedback"),
+        (dict(auto=2), "auto"),
     ],
 )
 def test_bad_config_is_a_clear_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tritter_comm.VSAState(**kwargs)
+
+
+def test_flags_from_config_text_are_not_truthiness():
+    # "false" from a config file or spec must mean False (bool("false") is True)
+    st = tritter_comm.VSAState(server_error_feedback="false", fixed_keys="True", auto="off")
+    assert (st.server_error_feedback, st.fixed_keys, st.auto) == (False, True, False)
 
 
 def test_hook_signature_is_accepted_by_ddp():

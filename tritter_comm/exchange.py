@@ -44,26 +44,36 @@ def stream_id(step: int, bucket: int, chunk: int, phase: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """How a vector of ``numel`` elements is cut for ``world`` ranks."""
+    """How a vector of ``numel`` elements is cut for ``world`` ranks, and the mode of each phase
+    (phase 1: every rank's chunks; phase 2: each owner's re-encoded average)."""
 
     numel: int
     world: int
     block_log2: int
     mode_id: int
     chunk: int  # C: a multiple of the block size (make), or numel / world (even)
-    slot: int  # S, body bytes of a full chunk
+    slot: int  # S, body bytes of a full chunk in phase 1
+    mode2_id: int  # the mode of phase 2
+    slot2: int  # body bytes of a full chunk in phase 2
+
+    @staticmethod
+    def _slot(chunk: int, mode_id: int, block_log2: int) -> int:
+        # slots rounded up to 4 bytes keep every body's f32 scales aligned
+        return -(-_native.body_nbytes(chunk, mode_id, block_log2) // 4) * 4
 
     @classmethod
-    def make(cls, numel: int, world: int, block_log2: int, mode_id: int) -> "Plan":
+    def make(cls, numel: int, world: int, block_log2: int, mode_id: int,
+             mode2_id: Optional[int] = None) -> "Plan":
         block = 1 << block_log2
         per_rank = -(-numel // world)
         chunk = -(-per_rank // block) * block
-        # slots rounded up to 4 bytes keep every body's f32 scales aligned
-        slot = -(-_native.body_nbytes(chunk, mode_id, block_log2) // 4) * 4
-        return cls(numel, world, block_log2, mode_id, chunk, slot)
+        mode2_id = mode_id if mode2_id is None else mode2_id
+        return cls(numel, world, block_log2, mode_id, chunk, cls._slot(chunk, mode_id, block_log2),
+                   mode2_id, cls._slot(chunk, mode2_id, block_log2))
 
     @classmethod
-    def even(cls, numel: int, world: int, block_log2: int, mode_id: int) -> "Plan":
+    def even(cls, numel: int, world: int, block_log2: int, mode_id: int,
+             mode2_id: Optional[int] = None) -> "Plan":
         """Chunks of exactly ``numel / world`` elements, block-aligned or not: FSDP's shards.
 
         Each chunk is encoded as a vector of its own (its last block padded by the codec).
@@ -71,21 +81,23 @@ class Plan:
         if numel <= 0 or numel % world:
             raise ValueError(f"cannot cut {numel} elements into {world} equal chunks")
         chunk = numel // world
-        slot = -(-_native.body_nbytes(chunk, mode_id, block_log2) // 4) * 4
-        return cls(numel, world, block_log2, mode_id, chunk, slot)
+        mode2_id = mode_id if mode2_id is None else mode2_id
+        return cls(numel, world, block_log2, mode_id, chunk, cls._slot(chunk, mode_id, block_log2),
+                   mode2_id, cls._slot(chunk, mode2_id, block_log2))
 
     def bounds(self, c: int) -> tuple[int, int]:
         lo = min(c * self.chunk, self.numel)
         return lo, min(lo + self.chunk, self.numel)
 
-    def body_nbytes(self, c: int) -> int:
+    def body_nbytes(self, c: int, phase: int = 0) -> int:
         lo, hi = self.bounds(c)
-        return _native.body_nbytes(hi - lo, self.mode_id, self.block_log2) if hi > lo else 0
+        mode_id = self.mode2_id if phase else self.mode_id
+        return _native.body_nbytes(hi - lo, mode_id, self.block_log2) if hi > lo else 0
 
     @property
     def wire_bytes(self) -> int:
         """Bytes one rank sends in one exchange: (N-1) slots in each phase."""
-        return 2 * (self.world - 1) * self.slot
+        return (self.world - 1) * (self.slot + self.slot2)
 
     @property
     def reduce_scatter_wire_bytes(self) -> int:
@@ -112,7 +124,7 @@ def _nblocks(n: int, block_log2: int) -> int:
     return -(-n // (1 << block_log2))
 
 
-def _encode(x, slot, *, seed, stream, plan, residual, timers) -> bool:
+def _encode(x, slot, *, seed, stream, plan, residual, timers, phase=0) -> bool:
     """Encode into ``slot``; on NaN/Inf poison it instead and leave ``residual`` as it was.
 
     A residual kept in a narrower dtype (``VSAState(residual_dtype=torch.bfloat16)``, half the
@@ -123,9 +135,10 @@ def _encode(x, slot, *, seed, stream, plan, residual, timers) -> bool:
     work = residual
     if residual is not None and residual.dtype != x.dtype:
         work = residual.to(x.dtype)
+    mode_id = plan.mode2_id if phase else plan.mode_id
     try:
-        encode_body_into(x, slot[: _native.body_nbytes(n, plan.mode_id, plan.block_log2)],
-                         seed=seed, stream=stream, mode_id=plan.mode_id,
+        encode_body_into(x, slot[: _native.body_nbytes(n, mode_id, plan.block_log2)],
+                         seed=seed, stream=stream, mode_id=mode_id,
                          block_log2=plan.block_log2, residual=work, check_finite=True)
         if work is not residual:
             residual.copy_(work)
@@ -137,11 +150,12 @@ def _encode(x, slot, *, seed, stream, plan, residual, timers) -> bool:
     return ok
 
 
-def _decode(slot, out, *, seed, stream, plan, timers) -> None:
+def _decode(slot, out, *, seed, stream, plan, timers, phase=0) -> None:
     t0 = time.perf_counter()
     n = out.numel()
-    decode_body_into(slot[: _native.body_nbytes(n, plan.mode_id, plan.block_log2)], out,
-                     seed=seed, stream=stream, mode_id=plan.mode_id,
+    mode_id = plan.mode2_id if phase else plan.mode_id
+    decode_body_into(slot[: _native.body_nbytes(n, mode_id, plan.block_log2)], out,
+                     seed=seed, stream=stream, mode_id=mode_id,
                      block_log2=plan.block_log2)
     timers.decode_seconds += time.perf_counter() - t0
 
@@ -193,14 +207,14 @@ class Exchange:
         self._a2a.wait()
         self._a2a = None
         lo, hi = p.bounds(self.rank)
-        mine = torch.zeros(p.slot, dtype=torch.uint8, device=self._recv.device)
+        mine = torch.zeros(p.slot2, dtype=torch.uint8, device=self._recv.device)
         if hi > lo:
             acc = self._sum_owned(torch.empty(hi - lo, dtype=torch.float32, device=mine.device))
             acc /= p.world
             _encode(acc, mine, seed=self.seed, stream=self._stream(self.rank, 1), plan=p,
-                    residual=server_residual, timers=self.timers)
+                    residual=server_residual, timers=self.timers, phase=1)
         self._recv = None
-        self._gathered = torch.empty(p.world * p.slot, dtype=torch.uint8, device=mine.device)
+        self._gathered = torch.empty(p.world * p.slot2, dtype=torch.uint8, device=mine.device)
         self._ag = torch.distributed.all_gather_into_tensor(self._gathered, mine,
                                                             group=self.group, async_op=True)
 
@@ -245,8 +259,9 @@ class Exchange:
         for c in range(p.world):
             lo, hi = p.bounds(c)
             if hi > lo:
-                _decode(self._gathered[c * p.slot:(c + 1) * p.slot], out[lo:hi],
-                        seed=self.seed, stream=self._stream(c, 1), plan=p, timers=self.timers)
+                _decode(self._gathered[c * p.slot2:(c + 1) * p.slot2], out[lo:hi],
+                        seed=self.seed, stream=self._stream(c, 1), plan=p, timers=self.timers,
+                        phase=1)
         self._gathered = None
         self._ag = None
         return out

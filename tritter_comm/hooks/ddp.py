@@ -32,7 +32,7 @@ _STATE_VERSION = 1
 # Config fields every rank must agree on, in the order they are compared.
 _CONFIG_FIELDS = ("format_version", "package_version", "mode", "block_log2", "seed_lo", "seed_hi",
                   "start_iter", "min_compress_numel", "error_feedback", "server_error_feedback",
-                  "fixed_keys", "auto")
+                  "fixed_keys", "auto", "phase2_mode")
 
 
 _RESIDUAL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -45,6 +45,21 @@ def _version_number() -> int:
                for i, p in enumerate(reversed(parts)))
 
 
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _flag(name: str, value: Any) -> bool:
+    """A boolean option: a bool, 0 or 1, or (from a config file or spec) true/false, yes/no,
+    on/off. Anything else is an error, not truthiness: the string "false" must not mean True."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
 class VSAState:
     """State of :func:`vsa_hook`: configuration, error-feedback residuals and statistics.
 
@@ -52,6 +67,10 @@ class VSAState:
         process_group: the group to reduce over (default: the default group).
         mode: ``"ternary"`` (1.6 bits an element, the default: ~20x fewer bytes than fp32),
             ``"int2"`` (2 bits, ~16x, closer to uncompressed) or ``"sign"`` (1 bit, ~30x).
+        phase2_mode: the mode of phase 2, where each chunk's owner re-encodes the average it
+            computed and every rank decodes it (default: the same as ``mode``). Each phase's
+            quantization adds its own error, so each phase's precision is a knob:
+            ``mode="ternary", phase2_mode="int2"`` sends 1.83 bits an element (~17x).
         block_size: Hadamard block size, a power of two from 256 to 65536 (default 1024).
         seed: shared seed of the keys; every rank must pass the same.
         start_iter: iterations of plain all-reduce before compression starts. DDP rebuilds its
@@ -86,6 +105,7 @@ class VSAState:
         # hyperparameters
         "process_group",
         "mode",
+        "phase2_mode",
         "block_size",
         "seed",
         "start_iter",
@@ -129,8 +149,14 @@ class VSAState:
         fixed_keys: bool = False,
         auto: bool = False,
         residual_dtype: str = "float32",
+        phase2_mode: Optional[str] = None,
     ):
         _mode_id(mode)
+        if phase2_mode is not None:
+            try:
+                _mode_id(phase2_mode)
+            except ValueError as e:
+                raise ValueError(f"phase2_mode: {e}") from None
         block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
         _block_log2(block_size)
         _u64("seed", seed)
@@ -143,19 +169,20 @@ class VSAState:
             raise ValueError(f"min_compress_numel must be a positive int, got {min_compress_numel!r}")
         self.process_group = process_group
         self.mode = mode
+        self.phase2_mode = phase2_mode
         self.block_size = block_size
         self.seed = seed
         self.start_iter = start_iter
         self.min_compress_numel = min_compress_numel
-        self.error_feedback = bool(error_feedback)
-        self.server_error_feedback = bool(server_error_feedback)
-        self.fixed_keys = bool(fixed_keys)
+        self.error_feedback = _flag("error_feedback", error_feedback)
+        self.server_error_feedback = _flag("server_error_feedback", server_error_feedback)
+        self.fixed_keys = _flag("fixed_keys", fixed_keys)
         if residual_dtype not in _RESIDUAL_DTYPES:
             raise ValueError(
                 f"residual_dtype must be one of {sorted(_RESIDUAL_DTYPES)}, got {residual_dtype!r}"
             )
         self.residual_dtype = residual_dtype
-        self.auto = bool(auto)
+        self.auto = _flag("auto", auto)
         self._auto = _auto.AutoChoice() if self.auto else None
         self._config_checked = False
         self.iter = 0
@@ -191,14 +218,19 @@ class VSAState:
             "fixed_keys": self.fixed_keys,
             "auto": self.auto,
             "residual_dtype": self.residual_dtype,
+            "phase2_mode": self.phase2_mode,
         }
+
+    def _mode2(self) -> str:
+        return self.mode if self.phase2_mode is None else self.phase2_mode
 
     def _config_row(self) -> list[int]:
         return [_native.FORMAT_VERSION, _version_number(), MODES[self.mode],
                 _block_log2(self.block_size),
                 self.seed & 0x7FFFFFFF_FFFFFFFF, self.seed >> 63, self.start_iter,
                 self.min_compress_numel, int(self.error_feedback),
-                int(self.server_error_feedback), int(self.fixed_keys), int(self.auto)]
+                int(self.server_error_feedback), int(self.fixed_keys), int(self.auto),
+                MODES[self._mode2()]]
 
     def _check_config(self, device: torch.device) -> None:
         """All ranks compare their configuration; a difference fails on every rank."""
@@ -275,7 +307,8 @@ class VSAState:
                 f"got version {state.get('version') if isinstance(state, dict) else state!r}"
             )
         # checkpoints from before `auto` and `residual_dtype` existed
-        saved = {"auto": False, "residual_dtype": "float32", **state["config"]}
+        saved = {"auto": False, "residual_dtype": "float32", "phase2_mode": None,
+                 **state["config"]}
         diff = {k: (v, saved.get(k)) for k, v in self.config().items() if saved.get(k) != v}
         if diff:
             raise ValueError(
@@ -384,7 +417,8 @@ def _start_exchange(state: VSAState, x: torch.Tensor, key: int, world: int):
     if key >= MAX_BUCKETS or world > MAX_WORLD:
         raise ValueError(f"tritter-comm supports {MAX_BUCKETS} buckets and {MAX_WORLD} ranks")
     rank = dist.get_rank(state.process_group)
-    plan = Plan.make(x.numel(), world, _block_log2(state.block_size), MODES[state.mode])
+    plan = Plan.make(x.numel(), world, _block_log2(state.block_size), MODES[state.mode],
+                     MODES[state._mode2()])
     ex = Exchange(plan, rank=rank, group=state.process_group, seed=state.seed,
                   step=state.iter, key=key, timers=state._timers, fixed_keys=state.fixed_keys)
     res = (state._residual(state.residuals, key, x.numel(), x.device)
