@@ -25,12 +25,9 @@ in every repeat, so that a change in the machine's load falls on all of them ali
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
-import os
-import platform
 import statistics
-import subprocess
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -49,6 +46,10 @@ from tritter_comm.codec import (
 )
 
 _ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:  # run as a script: make `benchmarks` importable (appended: an
+    sys.path.append(str(_ROOT))  # installed tritter_comm must win over the source tree's)
+
+from benchmarks import _common  # noqa: E402
 GB = 1e9
 SEED, STREAM = 20240531, 7
 DEFAULT_SIZES = "1M,16M,64M"
@@ -222,42 +223,13 @@ def _inputs(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _machine() -> dict[str, Any]:
-    try:
-        git = subprocess.run(
-            ["git", "rev-parse", "--verify", "-q", "HEAD"],
-            cwd=_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-        commit = git.stdout.strip() if git.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(
-                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None
-            )
-    except OSError:
-        cpu = None
-    return {
-        "platform": platform.platform(),
-        "cpu_model": cpu or platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "simd_level": _native.simd_level(),
-        "cpu_features": list(_native.cpu_features()),
-        "rust_threads_all": _native.default_threads(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "tritter_comm": getattr(tc, "__version__", None),
-        "native": _native.__version__,
-        "git_commit": commit,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+    return _common.machine(
+        simd_level=_native.simd_level(),
+        cpu_features=list(_native.cpu_features()),
+        rust_threads_all=_native.default_threads(),
+        torch_threads=torch.get_num_threads(),
+        native=_native.__version__,
+    )
 
 
 def _fmt(v: float | None, w: int = 7, p: int = 2) -> str:

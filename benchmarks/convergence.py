@@ -33,11 +33,9 @@ import hashlib
 import json
 import math
 import os
-import platform
 import queue as _queue
 import socket
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -56,7 +54,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-from benchmarks import comm, workloads  # noqa: E402
+from benchmarks import _common, comm, workloads  # noqa: E402
 
 DEFAULT_WORKLOADS = ("digits", "transformer")
 DEFAULT_MODES = comm.MODES
@@ -369,44 +367,7 @@ def format_table(workload: str, rows: list[dict[str, Any]]) -> str:
 
 
 def _machine() -> dict[str, Any]:
-    def version(mod: str) -> str | None:
-        try:
-            return __import__(mod).__version__
-        except Exception:
-            return None
-
-    try:
-        git = subprocess.run(
-            ["git", "rev-parse", "--verify", "-q", "HEAD"],
-            cwd=_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        commit = git.stdout.strip() if git.returncode == 0 else None
-    except Exception:
-        commit = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(
-                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None
-            )
-    except OSError:
-        cpu = None
-    return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_model": cpu or platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": version("numpy"),
-        "sklearn": version("sklearn"),
-        "tritter_comm": version("tritter_comm"),
-        "git_commit": commit,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+    return _common.machine("sklearn")
 
 
 def _plot(results: list[dict[str, Any]], path: Path) -> bool:

@@ -1,0 +1,55 @@
+"""What every benchmark records about the machine it ran on."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _version(mod: str) -> str | None:
+    try:
+        return __import__(mod).__version__
+    except Exception:  # not installed, or no __version__: recorded as unknown
+        return None
+
+
+def _git_commit() -> str | None:
+    try:
+        git = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=_ROOT,
+                             capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return git.stdout.strip() if git.returncode == 0 else None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                       None)
+    except OSError:
+        cpu = None
+    return cpu or platform.processor()
+
+
+def machine(*modules: str, **extra: Any) -> dict[str, Any]:
+    """Platform, CPU, cores usable, Python and the versions of torch, numpy, tritter_comm and
+    ``modules``, the git commit of the tree and the date; ``extra`` is added as it is."""
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "python": platform.python_version(),
+        **{m: _version(m) for m in ("torch", "numpy", "tritter_comm", *modules)},
+        "git_commit": _git_commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
