@@ -9,7 +9,9 @@ none            DDP's own fp32 all-reduce (no hook)
 fp16            PyTorch's ``fp16_compress_hook`` (all-reduce in fp16)
 powersgd1/4     PyTorch's ``powerSGD_hook``, matrix approximation rank 1 / 4, error feedback,
                 warm start; vanilla all-reduce for the first ``start_iter`` steps
-vsa-ternary     ``tritter_comm.hooks.vsa_hook`` with ``VSAState(mode="ternary")``
+vsa             ``tritter_comm.hooks.vsa_hook`` with ``VSAState()``'s defaults (ternary in phase 1,
+                int2 in phase 2)
+vsa-ternary     the same hook with ``VSAState(mode="ternary")`` (ternary in both phases)
 vsa-sign        same, ``mode="sign"``
 vsa-int2        same, ``mode="int2"``
 ==============  ================================================================================
@@ -44,7 +46,7 @@ __all__ = [
     "vsa_available",
 ]
 
-VSA_MODES = {"vsa-ternary": "ternary", "vsa-sign": "sign", "vsa-int2": "int2"}
+VSA_MODES = {"vsa": None, "vsa-ternary": "ternary", "vsa-sign": "sign", "vsa-int2": "int2"}
 POWERSGD_RANKS = {"powersgd1": 1, "powersgd4": 4}
 MODES = ("none", "fp16", *POWERSGD_RANKS, *VSA_MODES)
 
@@ -141,7 +143,9 @@ def register(
             f"mode {comm!r} needs tritter_comm.hooks.VSAState and vsa_hook, which do not import "
             f"({type(e).__name__}: {e}); build the package with `maturin develop` first"
         ) from e
-    state = VSAState(process_group, mode=VSA_MODES[comm], **kw)
+    if VSA_MODES[comm] is not None:
+        kw = {"mode": VSA_MODES[comm], **kw}
+    state = VSAState(process_group, **kw)
     ddp_model.register_comm_hook(state, vsa_hook)
     return state
 

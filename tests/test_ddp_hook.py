@@ -74,8 +74,7 @@ def test_loss_decreases_like_uncompressed():
     assert c < b * 1.25 + 0.02, (b, c)
 
 
-@pytest.mark.parametrize("world, hook", [(2, HOOK), (3, HOOK),
-                                         (2, dict(HOOK, phase2_mode="int2"))])
+@pytest.mark.parametrize("world, hook", [(2, HOOK), (3, HOOK), (2, dict(HOOK, mode="ternary"))])
 def test_bytes_counted_at_collectives(world, hook):
     res = run(W.train, world, steps=8, hook=hook, cap=0.5, count=True, count_from=2,
               tiny=False, width=512)
@@ -160,9 +159,9 @@ def test_mismatched_config_fails_on_every_rank():
 
 def test_mismatched_phase2_mode_fails_naming_it():
     with pytest.raises(RuntimeError) as e:
-        run(W.train, 2, steps=5, hook_per_rank=[dict(HOOK), dict(HOOK, phase2_mode="int2")])
+        run(W.train, 2, steps=5, hook_per_rank=[dict(HOOK), dict(HOOK, phase2_mode="ternary")])
     msg = str(e.value)
-    assert msg.count("configured differently") == 2 and "phase2_mode: rank 0=0, rank 1=2" in msg
+    assert msg.count("configured differently") == 2 and "phase2_mode: rank 0=2, rank 1=0" in msg
 
 
 def test_state_dict_loads_weights_only_and_state_pickles():
@@ -226,10 +225,12 @@ def test_non_finite_gradient_reaches_every_rank_and_spares_residuals():
 
 
 def test_bfloat16_residuals_halve_the_memory_and_train():
-    res = run(W.train, 2, steps=40, hook=dict(HOOK, residual_dtype="bfloat16"), cap=0.1)
+    res = run(W.train, 2, steps=40, cap=0.1,
+              hook=dict(HOOK, residual_dtype="bfloat16", server_error_feedback=True))
     assert_replicas_identical(res)
     sd = torch.load(io.BytesIO(res[0]["state_bytes"]), weights_only=True)
     assert sd["residuals"] and all(r.dtype == torch.bfloat16 for r in sd["residuals"].values())
+    assert sd["server_residuals"]
     assert all(r.dtype == torch.bfloat16 for r in sd["server_residuals"].values())
     assert any(r.abs().sum() > 0 for r in sd["residuals"].values())
     losses = res[0]["losses"]

@@ -165,8 +165,11 @@ def distributed_eval_loss(model: nn.Module, data: TextData, rank: int, world: in
 # ------------------------------------------------------------------------------------- one run
 
 
-MODES = ("none", "fp16", "ternary", "int2", "sign")
-LABELS = {"none": "fp32 all-reduce", "fp16": "fp16 all-reduce", "ternary": "tritter ternary",
+#: ``tritter`` is VSAState()'s defaults (ternary in phase 1, int2 in phase 2); the others name
+#: one mode for both phases.
+MODES = ("none", "fp16", "tritter", "ternary", "int2", "sign")
+LABELS = {"none": "fp32 all-reduce", "fp16": "fp16 all-reduce",
+          "tritter": "tritter ternary/int2", "ternary": "tritter ternary",
           "int2": "tritter int2", "sign": "tritter sign"}
 
 
@@ -230,7 +233,8 @@ def _train(rank: int, run: Run, report) -> dict:
 
         model.register_comm_hook(None, default_hooks.fp16_compress_hook)
     elif run.mode != "none":
-        state = VSAState(mode=run.mode, start_iter=run.start_iter, seed=run.seed)
+        mode = {} if run.mode == "tritter" else {"mode": run.mode}
+        state = VSAState(start_iter=run.start_iter, seed=run.seed, **mode)
         model.register_comm_hook(state, vsa_hook)
     opt = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(run.steps))
@@ -434,7 +438,7 @@ class DemoArgs:
     steps: int = 300
     start_iter: int = 50
     world: int = 2
-    modes: tuple[str, ...] = ("none", "ternary")
+    modes: tuple[str, ...] = ("none", "tritter")
     out: Path = field(default_factory=lambda: Path("tritter-comm-demo.png"))
     plot: bool = True
     quick: bool = False

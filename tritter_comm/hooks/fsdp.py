@@ -170,7 +170,7 @@ def _all_reduce(state: VSAState, grad: torch.Tensor, key: int, world: int) -> No
     group = state.process_group
     _check(state, key, world, grad.device)
     plan = Plan.make(grad.numel(), world, _block_log2(state.block_size), MODES[state.mode],
-                     MODES[state._mode2()])
+                     MODES[state.phase2_mode])
     ex = _exchange(state, plan, group, key)
     x = grad if grad.dtype == torch.float32 else grad.float()
     res = (state._residual(state.residuals, key, plan.numel, x.device)
