@@ -9,9 +9,8 @@ none            DDP's own fp32 all-reduce (no hook)
 fp16            PyTorch's ``fp16_compress_hook`` (all-reduce in fp16)
 powersgd1/4     PyTorch's ``powerSGD_hook``, matrix approximation rank 1 / 4, error feedback,
                 warm start; vanilla all-reduce for the first ``start_iter`` steps
-vsa             ``tritter_comm.hooks.vsa_hook`` with ``VSAState()``'s defaults (ternary in phase 1,
-                int2 in phase 2)
-vsa-ternary     the same hook with ``VSAState(mode="ternary")`` (ternary in both phases)
+vsa             ``tritter_comm.hooks.vsa_hook`` with ``VSAState()``'s defaults (int2)
+vsa-ternary     the same hook with ``VSAState(mode="ternary")``
 vsa-sign        same, ``mode="sign"``
 vsa-int2        same, ``mode="int2"``
 ==============  ================================================================================

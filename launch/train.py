@@ -3,7 +3,7 @@
 A byte-level transformer learns Python's own standard-library sources (nothing is downloaded),
 data-parallel over every rank torchrun starts, with the gradient exchange chosen by a flag:
 
-    torchrun --standalone --nproc-per-node 2 launch/train.py --comm vsa --mode ternary
+    torchrun --standalone --nproc-per-node 2 launch/train.py --comm vsa --mode int2
     torchrun ... launch/train.py --comm none | fp16 | powersgd
     torchrun ... launch/train.py --comm vsa --comm-config launch/tritter_comm.yaml
     torchrun ... launch/train.py --checkpoint-dir ckpt --checkpoint-every 100   # then --resume
@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="none: DDP's fp32 all-reduce; fp16 and powersgd: PyTorch's hooks; "
                    "vsa: tritter-comm")
     g.add_argument("--mode", choices=tuple(tritter_comm.MODES), default=None,
-                   help="vsa: quantization (default: the config file's, else ternary)")
+                   help="vsa: quantization (default: the config file's, else int2)")
     g.add_argument("--start-iter", type=int, default=None,
                    help="vsa/powersgd: steps of plain all-reduce first (default: vsa 100, "
                    "powersgd 2)")

@@ -37,7 +37,7 @@ def test_hook_active_and_state_saved_and_restored(tmp_path):
         assert r["losses"] == f["losses"][6:]
         assert r["digest"] == f["digest"]
         assert r["residual_sum"] == f["residual_sum"]
-    assert resumed[0]["stats"]["compression_ratio"] > 15
+    assert resumed[0]["stats"]["compression_ratio"] > 14  # the default, int2: 15.7x
 
 
 def test_trainer_callback_saves_and_restores(tmp_path):

@@ -51,4 +51,4 @@ def test_json_file_and_shipped_recipe(tmp_path):
     from _procs import ROOT
 
     c = CommConfig.from_file(ROOT / "launch" / "tritter_comm.yaml")
-    assert c.enabled and c.options["mode"] == "ternary"
+    assert c.enabled and c.options["mode"] == "int2"

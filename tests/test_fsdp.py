@@ -31,7 +31,7 @@ def _runs(api, path):
         first=dict(steps=3, grads_at=(2,), hook=HOOK),
         accumulate=dict(steps=20, accumulate=2, hook=HOOK),
         bf16=dict(steps=20, reduce_dtype=torch.bfloat16, hook=HOOK),
-        count=dict(steps=6, width=256, count_from=3, hook=HOOK),
+        count=dict(steps=6, width=256, count_from=3, hook=dict(HOOK, mode="ternary")),
         # two equal units whose backward order flips on odd steps
         fixed=dict(steps=12, branches=True, hook=HOOK),
         flipped=dict(steps=12, branches=True, flip_odd=True, hook=HOOK),

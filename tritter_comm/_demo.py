@@ -165,11 +165,10 @@ def distributed_eval_loss(model: nn.Module, data: TextData, rank: int, world: in
 # ------------------------------------------------------------------------------------- one run
 
 
-#: ``tritter`` is VSAState()'s defaults (ternary in phase 1, int2 in phase 2); the others name
-#: one mode for both phases.
+#: ``tritter`` is VSAState()'s defaults; the others set ``mode``.
 MODES = ("none", "fp16", "tritter", "ternary", "int2", "sign")
 LABELS = {"none": "fp32 all-reduce", "fp16": "fp16 all-reduce",
-          "tritter": "tritter ternary/int2", "ternary": "tritter ternary",
+          "tritter": "tritter default (int2)", "ternary": "tritter ternary",
           "int2": "tritter int2", "sign": "tritter sign"}
 
 

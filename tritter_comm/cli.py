@@ -190,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps of plain all-reduce before compression starts (default: 50, "
                    "or steps/6 if smaller)")
     s.add_argument("--modes", default="none,tritter",
-                   help="comma-separated runs from none, fp16, tritter (the hook's defaults: "
-                   "ternary, then int2 in phase 2), ternary, int2, sign (default none,tritter)")
+                   help="comma-separated runs from none, fp16, tritter (the hook's defaults, "
+                   "int2), ternary, int2, sign (default none,tritter)")
     s.add_argument("--ranks", type=int, default=2, help="local ranks (default 2)")
     s.add_argument("--out", default="tritter-comm-demo.png",
                    help="the plot's path; the results JSON goes beside it "
