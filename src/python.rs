@@ -329,6 +329,7 @@ fn run_sync<R: Send>(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn sync_pack_any<T: wsync::Weight, S: numpy::Element>(
     py: Python<'_>,
     x: PyReadonlyArray1<'_, S>,
@@ -336,12 +337,18 @@ fn sync_pack_any<T: wsync::Weight, S: numpy::Element>(
     mut scales: PyReadwriteArray1<'_, f32>,
     mut codes: PyReadwriteArray1<'_, u8>,
     threads: usize,
+    adaptive: bool,
     cast: impl Fn(&[S]) -> &[T],
 ) -> PyResult<()> {
     let x = cast(contiguous(&x, "w")?);
     let scales = contiguous_mut(&mut scales, "scales")?;
     let codes = contiguous_mut(&mut codes, "codes")?;
-    run_sync(py, threads, || wsync::pack(x, group, scales, codes))
+    let rule = if adaptive {
+        wsync::Rule::Adaptive
+    } else {
+        wsync::Rule::AbsMean
+    };
+    run_sync(py, threads, || wsync::pack(x, group, rule, scales, codes))
 }
 
 fn sync_unpack_any<T: wsync::Weight, S: numpy::Element>(
@@ -360,9 +367,10 @@ fn sync_unpack_any<T: wsync::Weight, S: numpy::Element>(
 }
 
 /// Quantize a flat float32 tensor to ternary in groups of `group` (BitNet b1.58 absmean) and
-/// pack it: one scale a group into `scales`, five trits a byte into `codes`.
+/// pack it: one scale a group into `scales`, five trits a byte into `codes`. `adaptive`: the
+/// better of absmean and max/2 thresholds per group (for deltas).
 #[pyfunction]
-#[pyo3(signature = (w, group, scales, codes, threads=0))]
+#[pyo3(signature = (w, group, scales, codes, threads=0, adaptive=false))]
 fn sync_pack_f32(
     py: Python<'_>,
     w: PyReadonlyArray1<'_, f32>,
@@ -370,13 +378,15 @@ fn sync_pack_f32(
     scales: PyReadwriteArray1<'_, f32>,
     codes: PyReadwriteArray1<'_, u8>,
     threads: usize,
+    adaptive: bool,
 ) -> PyResult<()> {
-    sync_pack_any::<f32, f32>(py, w, group, scales, codes, threads, |s| s)
+    sync_pack_any::<f32, f32>(py, w, group, scales, codes, threads, adaptive, |s| s)
 }
 
 /// `sync_pack_f32` of a float16 (`bf16=False`) or bfloat16 tensor given as its u16 bits.
 #[pyfunction]
-#[pyo3(signature = (w, bf16, group, scales, codes, threads=0))]
+#[pyo3(signature = (w, bf16, group, scales, codes, threads=0, adaptive=false))]
+#[allow(clippy::too_many_arguments)]
 fn sync_pack_u16(
     py: Python<'_>,
     w: PyReadonlyArray1<'_, u16>,
@@ -385,13 +395,14 @@ fn sync_pack_u16(
     scales: PyReadwriteArray1<'_, f32>,
     codes: PyReadwriteArray1<'_, u8>,
     threads: usize,
+    adaptive: bool,
 ) -> PyResult<()> {
     if bf16 {
-        sync_pack_any::<half::bf16, u16>(py, w, group, scales, codes, threads, |s| {
+        sync_pack_any::<half::bf16, u16>(py, w, group, scales, codes, threads, adaptive, |s| {
             s.reinterpret_cast::<half::bf16>()
         })
     } else {
-        sync_pack_any::<f16, u16>(py, w, group, scales, codes, threads, |s| {
+        sync_pack_any::<f16, u16>(py, w, group, scales, codes, threads, adaptive, |s| {
             s.reinterpret_cast::<f16>()
         })
     }

@@ -84,6 +84,17 @@ impl fmt::Display for SyncError {
 
 impl std::error::Error for SyncError {}
 
+/// How the codes of a group are chosen (the decoder does not need to know).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rule {
+    /// BitNet b1.58: `t = sign(w)` where `2 |w| > mean |w|`.
+    AbsMean,
+    /// The better of `AbsMean` and `|w| > max |w| / 2`, by squared error. For deltas: after a
+    /// few rounds of error feedback a group's error is heavy-tailed, absmean's scale follows
+    /// the many small entries and the few large ones shrink slowly; the max rule takes them.
+    Adaptive,
+}
+
 fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), SyncError> {
     if expected == got {
         Ok(())
@@ -262,6 +273,7 @@ fn threshold(gamma: f64) -> f32 {
 #[inline(always)]
 fn pack_group<T: Weight>(
     x: &[T],
+    rule: Rule,
     buf: &mut [f32],
     scratch: &mut [u8],
     out: &mut [u8],
@@ -283,20 +295,42 @@ fn pack_group<T: Weight>(
         sum += T::f32s(xc, buf).iter().map(|v| fx.of(v.abs())).sum::<u64>();
     }
     let gamma = sum as f64 / x.len() as f64 / fx.u;
-    let t = threshold(gamma);
-    let (mut snz, mut k) = (0u64, 0u64);
+    let ta = threshold(gamma);
+    // Fixed-point sum and count of the magnitudes at or above `t`.
+    let mut stats = |t: f32| {
+        let (mut snz, mut k) = (0u64, 0u64);
+        for xc in x.chunks(CHUNK) {
+            for &v in T::f32s(xc, buf) {
+                let a = v.abs();
+                let nz = a >= t;
+                snz += if nz { fx.of(a) } else { 0 };
+                k += nz as u64;
+            }
+        }
+        (snz, k)
+    };
+    let (mut t, (mut snz, mut k)) = (ta, stats(ta));
+    if rule == Rule::Adaptive {
+        // The second candidate: |w| > max/2. Keep the one that captures more energy,
+        // snz^2 / k (the squared error is sum w^2 minus that); ties keep absmean.
+        let tb = threshold(f32::from_bits(mb) as f64);
+        let (sb, kb) = stats(tb);
+        let energy = |s: u64, k: u64| {
+            if k == 0 {
+                0.0
+            } else {
+                s as f64 * (s as f64 / k as f64)
+            }
+        };
+        if energy(sb, kb) > energy(snz, k) {
+            (t, snz, k) = (tb, sb, kb);
+        }
+    }
     for (xc, oc) in x.chunks(CHUNK).zip(out.chunks_mut(CHUNK / 5)) {
-        let f = T::f32s(xc, buf);
-        for (c, &v) in scratch.iter_mut().zip(f) {
+        for (c, &v) in scratch.iter_mut().zip(T::f32s(xc, buf)) {
             // -1, 0, +1 as the codes 0, 1, 2
             let nz = (v.abs() >= t) as u8;
             *c = 1 + 2 * nz * ((v > 0.0) as u8) - nz;
-        }
-        for &v in f {
-            let a = v.abs();
-            let nz = a >= t;
-            snz += if nz { fx.of(a) } else { 0 };
-            k += nz as u64;
         }
         pack_trits(scratch, xc.len(), oc);
     }
@@ -312,6 +346,7 @@ fn pack_group<T: Weight>(
 /// the same bits.
 fn pack_group_best<T: Weight>(
     x: &[T],
+    rule: Rule,
     buf: &mut [f32],
     scratch: &mut [u8],
     out: &mut [u8],
@@ -322,29 +357,31 @@ fn pack_group_best<T: Weight>(
         #[target_feature(enable = "avx2,fma,bmi2")]
         fn avx2<T: Weight>(
             x: &[T],
+            r: Rule,
             b: &mut [f32],
             s: &mut [u8],
             o: &mut [u8],
         ) -> Result<f32, SyncError> {
-            pack_group(x, b, s, o)
+            pack_group(x, r, b, s, o)
         }
         #[target_feature(enable = "avx2,fma,bmi2,avx512f,avx512bw,avx512vl")]
         fn avx512<T: Weight>(
             x: &[T],
+            r: Rule,
             b: &mut [f32],
             s: &mut [u8],
             o: &mut [u8],
         ) -> Result<f32, SyncError> {
-            pack_group(x, b, s, o)
+            pack_group(x, r, b, s, o)
         }
         match crate::simd::level() {
             // SAFETY: simd::level() only reports features the CPU has.
-            Level::Avx512 => return unsafe { avx512(x, buf, scratch, out) },
-            Level::Avx2 => return unsafe { avx2(x, buf, scratch, out) },
+            Level::Avx512 => return unsafe { avx512(x, rule, buf, scratch, out) },
+            Level::Avx2 => return unsafe { avx2(x, rule, buf, scratch, out) },
             Level::Scalar => {}
         }
     }
-    pack_group(x, buf, scratch, out)
+    pack_group(x, rule, buf, scratch, out)
 }
 
 /// Largest valid last byte of a group of `len` codes, whose padding codes are 0.
@@ -442,6 +479,7 @@ fn unpack_group_best<T: Weight>(
 pub fn pack<T: Weight>(
     x: &[T],
     group: usize,
+    rule: Rule,
     scales: &mut [f32],
     codes: &mut [u8],
 ) -> Result<(), SyncError> {
@@ -458,7 +496,7 @@ pub fn pack<T: Weight>(
             || (vec![0f32; CHUNK], vec![0u8; CHUNK + 8]),
             |(buf, scratch), ((s, c), xs)| {
                 for ((sc, xg), cg) in s.iter_mut().zip(xs.chunks(group)).zip(c.chunks_mut(gb)) {
-                    *sc = pack_group_best(xg, buf, scratch, cg)?;
+                    *sc = pack_group_best(xg, rule, buf, scratch, cg)?;
                 }
                 Ok(())
             },
@@ -668,24 +706,40 @@ mod tests {
         let g = Groups::new(x.len() as u64, group as u64).unwrap();
         let mut scales = vec![0f32; g.count()];
         let mut codes = vec![0u8; g.codes_len()];
-        pack(x, group, &mut scales, &mut codes).unwrap();
+        pack(x, group, Rule::AbsMean, &mut scales, &mut codes).unwrap();
         let mut out = vec![0f32; x.len()];
         unpack(&scales, &codes, group, &mut out).unwrap();
         (scales, codes, out)
     }
 
-    /// Reference pack: one group at a time, plain f64 sums (exact for small groups).
-    fn reference(x: &[f32], group: usize) -> Vec<f32> {
+    /// Reference pack: one group at a time, f64 throughout (as the torch twin).
+    fn reference(x: &[f32], group: usize, rule: Rule) -> Vec<f32> {
         let mut out = Vec::new();
         for xg in x.chunks(group) {
             let m = xg.iter().fold(0f32, |a, v| a.max(v.abs()));
             let e = (((m as f64).to_bits() >> 52) & 0x7ff) as i64 - 1022;
-            let u = pow2(FIXED_BITS - e.max(-148)); // f64 throughout, as the torch twin
+            let u = pow2(FIXED_BITS - e.max(-148));
             let q: Vec<u64> = xg.iter().map(|v| (v.abs() as f64 * u) as u64).collect();
             let gamma = q.iter().sum::<u64>() as f64 / xg.len() as f64 / u;
-            let nz: Vec<bool> = xg.iter().map(|v| 2.0 * v.abs() as f64 > gamma).collect();
-            let k = nz.iter().filter(|&&b| b).count();
-            let snz: u64 = q.iter().zip(&nz).filter(|(_, &b)| b).map(|(q, _)| q).sum();
+            let cand = |th: f64| {
+                let nz: Vec<bool> = xg.iter().map(|v| 2.0 * v.abs() as f64 > th).collect();
+                let k = nz.iter().filter(|&&b| b).count() as u64;
+                let snz: u64 = q.iter().zip(&nz).filter(|(_, &b)| b).map(|(q, _)| q).sum();
+                let en = if k == 0 {
+                    0.0
+                } else {
+                    snz as f64 * (snz as f64 / k as f64)
+                };
+                (nz, k, snz, en)
+            };
+            let mut c = cand(gamma);
+            if rule == Rule::Adaptive {
+                let b = cand(m as f64);
+                if b.3 > c.3 {
+                    c = b;
+                }
+            }
+            let (nz, k, snz, _) = c;
             let s = if k == 0 {
                 0.0
             } else {
@@ -698,6 +752,16 @@ mod tests {
         out
     }
 
+    fn round_trip_rule(x: &[f32], group: usize, rule: Rule) -> Vec<f32> {
+        let g = Groups::new(x.len() as u64, group as u64).unwrap();
+        let mut scales = vec![0f32; g.count()];
+        let mut codes = vec![0u8; g.codes_len()];
+        pack(x, group, rule, &mut scales, &mut codes).unwrap();
+        let mut out = vec![0f32; x.len()];
+        unpack(&scales, &codes, group, &mut out).unwrap();
+        out
+    }
+
     proptest! {
         #[test]
         fn ternary_weights_round_trip_exactly(
@@ -707,9 +771,8 @@ mod tests {
         ) {
             let x: Vec<f32> = t.iter().enumerate()
                 .map(|(i, &c)| s[(i / group) % s.len()] * c as f32).collect();
-            let (_, _, out) = round_trip(&x, group);
-            for (a, b) in x.iter().zip(&out) {
-                prop_assert_eq!(a, b);
+            for rule in [Rule::AbsMean, Rule::Adaptive] {
+                prop_assert_eq!(&round_trip_rule(&x, group, rule), &x);
             }
         }
 
@@ -724,15 +787,17 @@ mod tests {
                 .map(|&(f, e)| f * f32::from_bits(((base + 1 - e as i32).max(1) as u32) << 23))
                 .map(|v| if v.is_finite() { v } else { 0.0 })
                 .collect();
-            let (_, _, out) = round_trip(&x, group);
-            prop_assert_eq!(out, reference(&x, group));
+            for rule in [Rule::AbsMean, Rule::Adaptive] {
+                prop_assert_eq!(round_trip_rule(&x, group, rule), reference(&x, group, rule));
+            }
         }
 
         #[test]
         fn matches_the_reference(x in prop::collection::vec(-10f32..10.0, 1..3000),
                                  group in 1usize..5000) {
-            let (_, _, out) = round_trip(&x, group);
-            prop_assert_eq!(out, reference(&x, group));
+            for rule in [Rule::AbsMean, Rule::Adaptive] {
+                prop_assert_eq!(round_trip_rule(&x, group, rule), reference(&x, group, rule));
+            }
         }
 
 
@@ -753,7 +818,7 @@ mod tests {
             let g = h.groups().unwrap();
             let mut scales = vec![0f32; g.count()];
             let mut codes = vec![0u8; g.codes_len()];
-            pack(&x[..n as usize], h.group as usize, &mut scales, &mut codes).unwrap();
+            pack(&x[..n as usize], h.group as usize, Rule::Adaptive, &mut scales, &mut codes).unwrap();
             let mut b = h.write();
             b.extend(scales.iter().flat_map(|s| s.to_le_bytes()));
             b.extend(&codes);
@@ -826,11 +891,11 @@ mod tests {
         let mut s = [0f32; 1];
         let mut c = [0u8; 1];
         assert_eq!(
-            pack(&[1.0, f32::NAN], 2, &mut s, &mut c),
+            pack(&[1.0, f32::NAN], 2, Rule::AbsMean, &mut s, &mut c),
             Err(SyncError::NonFinite)
         );
         assert!(matches!(
-            pack(&[1.0f32], 0, &mut s, &mut c),
+            pack(&[1.0f32], 0, Rule::AbsMean, &mut s, &mut c),
             Err(SyncError::BadGroup(0))
         ));
         let mut out = [0f32; 2];
