@@ -181,3 +181,17 @@ def resume(rank, world, *, path, resume):
         sync.load_state_dict(torch.load(f"{path}.{rank}", weights_only=True))
     info = sync.broadcast()
     return {"state": _state_bytes(m), "info": info}
+
+
+def mark_synced(rank, world, *, same):
+    m = _model()
+    _randomize(m, seed=1 if same else rank)
+    sync = TernaryWeightSync(m)
+    try:
+        sync.mark_synced()
+    except ValueError as e:
+        return str(e)
+    sync.average()  # compressed from the first call: the anchor is set
+    with _Counter() as c:
+        sync.average()
+    return {"state": _state_bytes(m), "counted": c.bytes, "stats": sync.stats()}

@@ -331,3 +331,12 @@ def test_state_dict_resumes_through_weights_only_load(tmp_path):
     b = run(W.resume, 2, path=path, resume=True)
     assert a[0]["state"] == b[0]["state"] and a[1]["state"] == b[1]["state"]
     assert a[0]["info"] == b[0]["info"]
+
+
+def test_mark_synced_sets_the_anchor_without_an_exact_round():
+    res = run(W.mark_synced, 2, same=True)
+    assert res[0]["state"] == res[1]["state"]
+    st = res[0]["stats"]
+    assert st["bytes_sent"] == 2 * st["body_nbytes"] and st["exact_bytes"] < 4 * 1024
+    res = run(W.mark_synced, 2, same=False)
+    assert all("weights differ" in r for r in res), res

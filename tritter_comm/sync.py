@@ -742,6 +742,33 @@ class TernaryWeightSync:
         self._stats["averages"] += 1
         return {"body_nbytes": 0, "fp32_nbytes": self.fp32_nbytes, "exact": True}
 
+    @torch.no_grad()
+    def mark_synced(self) -> None:
+        """Declare the float parameters identical on every rank now (same seed, a loaded
+        checkpoint, DDP's initial broadcast): they become the anchor of :meth:`average` and
+        the replica of :meth:`broadcast`, so no exact first round is needed. One small
+        all-reduce checks a digest of the weights; ranks that differ raise ``ValueError``.
+        """
+        _, world = self._world()
+        if world > 1:
+            h = hashlib.sha256()
+            for sl in self._slots:
+                h.update(sl.param.detach().contiguous().view(-1).view(torch.uint8).cpu()
+                         .numpy().tobytes())
+            d = int.from_bytes(h.digest()[:7], "little")
+            t = torch.tensor([d, -d], dtype=torch.int64, device=self._device())
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+            self._stats["exact_bytes"] += 16
+            if int(t[0]) != d or int(t[1]) != -d:
+                raise ValueError("mark_synced: the ranks' weights differ; use average() or "
+                                 "broadcast() to make them equal first")
+        self._anchor = [sl.param.detach().clone() for sl in self._slots]
+        self._replica = [sl.param.detach().clone() for sl in self._slots]
+        if not self.error_feedback:
+            self._last = [sl.param.detach().clone() for sl in self._slots]
+        self._residual = [torch.zeros(sl.n, dtype=torch.float32, device=sl.param.device)
+                          for sl in self._slots]
+
     # ------------------------------------------------------------------------ state
 
     def stats(self) -> Dict[str, Any]:
