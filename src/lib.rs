@@ -11,6 +11,7 @@ mod lanes;
 pub mod pack;
 pub mod quant;
 pub mod simd;
+pub mod sync;
 
 #[cfg(feature = "python")]
 mod python;

@@ -289,5 +289,210 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(set_simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(default_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(sync_pack_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(sync_pack_u16, m)?)?;
+    m.add_function(wrap_pyfunction!(sync_unpack_f32, m)?)?;
+    m.add_function(wrap_pyfunction!(sync_unpack_u16, m)?)?;
+    m.add_function(wrap_pyfunction!(sync_header, m)?)?;
+    m.add_function(wrap_pyfunction!(sync_check, m)?)?;
+    m.add_function(wrap_pyfunction!(sync_nbytes, m)?)?;
+    m.add_function(wrap_pyfunction!(sync_row_group, m)?)?;
     Ok(())
+}
+
+// ------------------------------------------------------------------ packed-ternary weights
+
+use crate::sync::{self as wsync, SyncError};
+use pyo3::types::PyBytes;
+
+impl From<SyncError> for PyErr {
+    fn from(e: SyncError) -> PyErr {
+        PyValueError::new_err(e.to_string())
+    }
+}
+
+/// `run` for the weight-sync core: without the GIL, on `threads` threads (0: global pool).
+fn run_sync<R: Send>(
+    py: Python<'_>,
+    threads: usize,
+    f: impl FnOnce() -> Result<R, SyncError> + Send,
+) -> PyResult<R> {
+    py.detach(|| {
+        if threads == 0 {
+            f().map_err(PyErr::from)
+        } else {
+            pool(threads)
+                .map_err(PyErr::from)?
+                .install(f)
+                .map_err(PyErr::from)
+        }
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sync_pack_any<T: wsync::Weight, S: numpy::Element>(
+    py: Python<'_>,
+    x: PyReadonlyArray1<'_, S>,
+    group: usize,
+    mut scales: PyReadwriteArray1<'_, f32>,
+    mut codes: PyReadwriteArray1<'_, u8>,
+    threads: usize,
+    adaptive: bool,
+    cast: impl Fn(&[S]) -> &[T],
+) -> PyResult<()> {
+    let x = cast(contiguous(&x, "w")?);
+    let scales = contiguous_mut(&mut scales, "scales")?;
+    let codes = contiguous_mut(&mut codes, "codes")?;
+    let rule = if adaptive {
+        wsync::Rule::Adaptive
+    } else {
+        wsync::Rule::AbsMean
+    };
+    run_sync(py, threads, || wsync::pack(x, group, rule, scales, codes))
+}
+
+fn sync_unpack_any<T: wsync::Weight, S: numpy::Element>(
+    py: Python<'_>,
+    scales: PyReadonlyArray1<'_, f32>,
+    codes: PyReadonlyArray1<'_, u8>,
+    group: usize,
+    mut out: PyReadwriteArray1<'_, S>,
+    threads: usize,
+    cast_mut: impl Fn(&mut [S]) -> &mut [T],
+) -> PyResult<()> {
+    let scales = contiguous(&scales, "scales")?;
+    let codes = contiguous(&codes, "codes")?;
+    let out = cast_mut(contiguous_mut(&mut out, "out")?);
+    run_sync(py, threads, || wsync::unpack(scales, codes, group, out))
+}
+
+/// Quantize a flat float32 tensor to ternary in groups of `group` (BitNet b1.58 absmean) and
+/// pack it: one scale a group into `scales`, five trits a byte into `codes`. `adaptive`: the
+/// better of absmean and max/2 thresholds per group (for deltas).
+#[pyfunction]
+#[pyo3(signature = (w, group, scales, codes, threads=0, adaptive=false))]
+fn sync_pack_f32(
+    py: Python<'_>,
+    w: PyReadonlyArray1<'_, f32>,
+    group: usize,
+    scales: PyReadwriteArray1<'_, f32>,
+    codes: PyReadwriteArray1<'_, u8>,
+    threads: usize,
+    adaptive: bool,
+) -> PyResult<()> {
+    sync_pack_any::<f32, f32>(py, w, group, scales, codes, threads, adaptive, |s| s)
+}
+
+/// `sync_pack_f32` of a float16 (`bf16=False`) or bfloat16 tensor given as its u16 bits.
+#[pyfunction]
+#[pyo3(signature = (w, bf16, group, scales, codes, threads=0, adaptive=false))]
+#[allow(clippy::too_many_arguments)]
+fn sync_pack_u16(
+    py: Python<'_>,
+    w: PyReadonlyArray1<'_, u16>,
+    bf16: bool,
+    group: usize,
+    scales: PyReadwriteArray1<'_, f32>,
+    codes: PyReadwriteArray1<'_, u8>,
+    threads: usize,
+    adaptive: bool,
+) -> PyResult<()> {
+    if bf16 {
+        sync_pack_any::<half::bf16, u16>(py, w, group, scales, codes, threads, adaptive, |s| {
+            s.reinterpret_cast::<half::bf16>()
+        })
+    } else {
+        sync_pack_any::<f16, u16>(py, w, group, scales, codes, threads, adaptive, |s| {
+            s.reinterpret_cast::<f16>()
+        })
+    }
+}
+
+/// Decode packed ternary weights into a float32 vector `out`, validating scales and bytes.
+#[pyfunction]
+#[pyo3(signature = (scales, codes, group, out, threads=0))]
+fn sync_unpack_f32(
+    py: Python<'_>,
+    scales: PyReadonlyArray1<'_, f32>,
+    codes: PyReadonlyArray1<'_, u8>,
+    group: usize,
+    out: PyReadwriteArray1<'_, f32>,
+    threads: usize,
+) -> PyResult<()> {
+    sync_unpack_any::<f32, f32>(py, scales, codes, group, out, threads, |s| s)
+}
+
+/// Decode packed ternary weights into a float16 or bfloat16 vector given as u16 bits.
+#[pyfunction]
+#[pyo3(signature = (scales, codes, group, out, bf16, threads=0))]
+fn sync_unpack_u16(
+    py: Python<'_>,
+    scales: PyReadonlyArray1<'_, f32>,
+    codes: PyReadonlyArray1<'_, u8>,
+    group: usize,
+    out: PyReadwriteArray1<'_, u16>,
+    bf16: bool,
+    threads: usize,
+) -> PyResult<()> {
+    if bf16 {
+        sync_unpack_any::<half::bf16, u16>(py, scales, codes, group, out, threads, |s| {
+            s.reinterpret_cast_mut::<half::bf16>()
+        })
+    } else {
+        sync_unpack_any::<f16, u16>(py, scales, codes, group, out, threads, |s| {
+            s.reinterpret_cast_mut::<f16>()
+        })
+    }
+}
+
+/// The header of a serialized packed tensor (docs/FORMAT.md, "Packed ternary weights").
+#[pyfunction]
+fn sync_header<'py>(
+    py: Python<'py>,
+    dtype: u8,
+    per_row: bool,
+    group: u64,
+    shape: Vec<u64>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let h = wsync::Header {
+        dtype,
+        per_row,
+        group,
+        shape,
+    };
+    if h.shape.len() > wsync::MAX_NDIM {
+        return Err(PyValueError::new_err(format!(
+            "{} dimensions, the format holds at most {}",
+            h.shape.len(),
+            wsync::MAX_NDIM
+        )));
+    }
+    Ok(PyBytes::new(py, &h.write()))
+}
+
+/// Validate a whole serialized packed tensor; returns `(dtype, per_row, group, shape,
+/// header_nbytes)`. Anything malformed raises `ValueError`.
+#[pyfunction]
+#[pyo3(signature = (b, threads=0))]
+fn sync_check(
+    py: Python<'_>,
+    b: &[u8],
+    threads: usize,
+) -> PyResult<(u8, bool, u64, Vec<u64>, usize)> {
+    let h = run_sync(py, threads, || wsync::check(b))?;
+    let hl = h.header_len();
+    Ok((h.dtype, h.per_row, h.group, h.shape, hl))
+}
+
+/// Serialized bytes of a tensor of `shape` in groups of `group` (None: per row).
+#[pyfunction]
+#[pyo3(signature = (shape, group=None))]
+fn sync_nbytes(shape: Vec<u64>, group: Option<u64>) -> PyResult<u64> {
+    Ok(wsync::nbytes(&shape, group)?)
+}
+
+/// The per-row group of `shape`: `numel / shape[0]` (a 1-D tensor is one row).
+#[pyfunction]
+fn sync_row_group(shape: Vec<u64>) -> u64 {
+    wsync::row_group(&shape)
 }

@@ -55,3 +55,41 @@ def cpu_features() -> list[str]: ...
 def simd_level() -> str: ...
 def set_simd_level(name: str) -> str: ...
 def default_threads() -> int: ...
+
+# Packed-ternary weights (src/sync.rs, tritter_comm/sync.py).
+def sync_pack_f32(
+    w: npt.NDArray[np.float32],
+    group: int,
+    scales: npt.NDArray[np.float32],
+    codes: npt.NDArray[np.uint8],
+    threads: int = 0,
+    adaptive: bool = False,
+) -> None: ...
+def sync_pack_u16(
+    w: npt.NDArray[np.uint16],
+    bf16: bool,
+    group: int,
+    scales: npt.NDArray[np.float32],
+    codes: npt.NDArray[np.uint8],
+    threads: int = 0,
+    adaptive: bool = False,
+) -> None: ...
+def sync_unpack_f32(
+    scales: npt.NDArray[np.float32],
+    codes: npt.NDArray[np.uint8],
+    group: int,
+    out: npt.NDArray[np.float32],
+    threads: int = 0,
+) -> None: ...
+def sync_unpack_u16(
+    scales: npt.NDArray[np.float32],
+    codes: npt.NDArray[np.uint8],
+    group: int,
+    out: npt.NDArray[np.uint16],
+    bf16: bool,
+    threads: int = 0,
+) -> None: ...
+def sync_header(dtype: int, per_row: bool, group: int, shape: list[int]) -> bytes: ...
+def sync_check(b: bytes, threads: int = 0) -> tuple[int, bool, int, list[int], int]: ...
+def sync_nbytes(shape: list[int], group: Optional[int] = None) -> int: ...
+def sync_row_group(shape: list[int]) -> int: ...
