@@ -29,11 +29,8 @@ import hashlib
 import json
 import math
 import os
-import platform
-import queue as _queue
 import socket
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -51,6 +48,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 import tritter_comm  # noqa: E402
 from tritter_comm import sync as S  # noqa: E402
+from benchmarks import _common  # noqa: E402
 
 # ------------------------------------------------------------------------------ 1. speed
 
@@ -328,23 +326,7 @@ def local_sgd_table(rows) -> str:
 
 
 def _machine() -> dict[str, Any]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_ROOT, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-    except Exception:
-        commit = None
-    cpu = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       None)
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "cpu_model": cpu, "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "tritter_comm": tritter_comm.__version__,
-            "simd": tritter_comm._native.simd_level(), "git_commit": commit,
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    return _common.machine(simd=tritter_comm._native.simd_level())
 
 
 def main(argv=None) -> int:
