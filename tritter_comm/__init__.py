@@ -24,10 +24,10 @@ __version__ = _native.__version__
 def __getattr__(name):
     # tritter_comm.fsdp (FSDP2's enable) imports torch.distributed.fsdp, seconds of import
     # time: loaded on first use, not by `import tritter_comm`.
-    if name == "fsdp":
+    if name in ("fsdp", "optim"):  # optim: the phase-based optimizer wrapper (issue 7)
         import importlib
 
-        return importlib.import_module(".fsdp", __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -46,6 +46,7 @@ __all__ = [
     "decode",
     "encode",
     "fsdp",
+    "optim",
     "get_num_threads",
     "set_num_threads",
     "vsa_fsdp_hook",

@@ -55,3 +55,22 @@ def cpu_features() -> list[str]: ...
 def simd_level() -> str: ...
 def set_simd_level(name: str) -> str: ...
 def default_threads() -> int: ...
+
+# the gradient predictor of tritter_comm.optim (src/predict.rs)
+def predict_observe(
+    g: npt.NDArray[np.float32],
+    sum_g: npt.NDArray[np.float32],
+    sum_tg: npt.NDArray[np.float32],
+    lag: float,
+    decay: float,
+    coef: Optional[tuple[float, float]] = None,
+    threads: int = 0,
+) -> tuple[float, float, float]: ...
+def predict_apply(
+    sum_g: npt.NDArray[np.float32],
+    sum_tg: npt.NDArray[np.float32],
+    alpha: float,
+    beta: float,
+    out: npt.NDArray[np.float32],
+    threads: int = 0,
+) -> None: ...
