@@ -173,6 +173,20 @@ def test_predicted_step_uses_the_prediction_and_clears_grad():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_predict_lr_scale_applies_to_predicted_steps_only():
+    model = _model()
+    opt = PhaseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), warmup_steps=0,
+                         full_steps=1, predict_steps=1, correct_every=1, adaptive=False,
+                         predict_lr_scale=0.25)
+    _loop(model, opt, 1)
+    g = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone()
+    before = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+    opt.step()
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(after, before - 0.025 * g)
+    assert opt.param_groups[0]["lr"] == 0.1  # restored
+
+
 def test_adaptive_schedule_grows_while_the_loss_falls():
     model = _model()
     opt = PhaseOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), warmup_steps=2,
@@ -282,6 +296,7 @@ def test_load_refuses_another_configuration():
     (dict(loss_tolerance=-0.1), "loss_tolerance"),
     (dict(backend="cuda"), "backend"),
     (dict(fit="quadratic"), "fit"),
+    (dict(predict_lr_scale=1.5), "predict_lr_scale"),
     (dict(threads=-1), "threads"),
 ])
 def test_bad_arguments(kwargs, match):
