@@ -8,12 +8,13 @@ steps, in four rows:
 - ``plain``: DDP's fp32 all-reduce, a backward pass every step;
 - ``phase``: the same wrapped in ``tritter_comm.optim.PhaseOptimizer`` (predicted steps run no
   backward pass and no exchange; the loss of a predicted step is not computed at all);
-- ``plain+vsa`` / ``phase+vsa``: the same with the VSA hook (``vsa_hook``, ternary).
+- ``plain+vsa`` / ``phase+vsa``: the same with the VSA hook (``vsa_hook``, ternary);
+- ``phase-alt`` / ``phase-alt+vsa`` (with ``--alt-phase-options``): a second configuration.
 
 Per row: backward passes and gradient exchanges per rank, bytes sent per rank over the run
 (analytic fp32 ring all-reduce per exchange for the plain rows, the hook's ``stats()`` for the vsa
 rows, plus the phase schedule's own scalar all-reduces), training wall time (median over seeds),
-final eval loss (mean over seeds) and its gap to ``plain`` (and of ``phase+vsa`` to ``plain+vsa``).
+final eval loss (mean over seeds) and its gap to ``plain`` (of the ``phase*+vsa`` rows to ``plain+vsa``).
 Prints a markdown table, writes JSON.
 
 Usage::
@@ -51,6 +52,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 from benchmarks import comm, convergence, workloads  # noqa: E402
 
 ROWS = ("plain", "phase", "plain+vsa", "phase+vsa")
+ALT_ROWS = ("phase-alt", "phase-alt+vsa")  # with --alt-phase-options: a second configuration
 DEFAULT_STEPS = {"digits": 300, "transformer": 300}
 DEFAULT_OUT = _ROOT / "benchmarks" / "results" / "phase.json"
 
@@ -215,20 +217,22 @@ def format_table(workload: str, rows: list[dict]) -> str:
         any_row = next(iter(ok.values()))
         lines += [f"### {workload}: {any_row['workload_info']['params']:,} params, "
                   f"{any_row['steps']} steps, {len(any_row['seeds'])} seed(s), 2 ranks", ""]
-    header = ("row", "backward/rank", "exchanges/rank", "vs plain", "MB sent/rank",
+    header = ("row", "backward/rank", "exchanges/rank", "fewer backward", "MB sent/rank",
               "eval loss (± sd)", "gap (seed range)", "wall s", "replicas")
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|---|" + "---:|" * (len(header) - 2) + ":---:|")
-    for name in ROWS:
+    for name in ROWS + ALT_ROWS:
         r = ok.get(name)
         if r is None:
             continue
-        base = ok.get("plain+vsa" if name == "phase+vsa" else "plain")
-        g = _gap(r, base) if name not in ("plain",) else None
+        base = ok.get("plain+vsa" if name.endswith("+vsa") else "plain")
+        g = _gap(r, base) if name not in ("plain", "plain+vsa") else None
+        if name == "plain+vsa":
+            g = _gap(r, ok.get("plain"))
         gap = "—" if g is None else f"{g[0]:+.2f}%"
         if g is not None and len(g[1]) > 1:
             gap += f" ({min(g[1]):+.1f}..{max(g[1]):+.1f})"
-        if name == "phase+vsa" and g is not None:
+        if name.endswith("+vsa") and name != "plain+vsa" and g is not None:
             gap += " vs plain+vsa"
         fewer = 100 * (1 - r["backward_passes"] / r["steps"])
         loss = f"{r['eval_loss_mean']:.4f}"
@@ -236,7 +240,7 @@ def format_table(workload: str, rows: list[dict]) -> str:
             loss += f" ± {r['eval_loss_std']:.4f}"
         lines.append("| " + " | ".join((
             name, f"{r['backward_passes']:.0f}", f"{r['exchanges']:.0f}",
-            f"-{fewer:.1f}%", f"{r['bytes'] / 1e6:.1f}", loss, gap,
+            f"{fewer:.1f}%", f"{r['bytes'] / 1e6:.1f}", loss, gap,
             f"{r['wall_s_median']:.1f}", "identical" if r["replicas_identical"] else "DIFFER",
         )) + " |")
     for r in rows:
@@ -265,20 +269,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", default=None, help="N or name=N,... (default 300 each)")
     ap.add_argument("--phase-options", default="", help="PhaseOptimizer kwargs: k=v,k=v")
+    ap.add_argument("--alt-phase-options", default=None,
+                    help="PhaseOptimizer kwargs of the phase-alt rows (added when given)")
     ap.add_argument("--hook-options", default="", help="VSAState kwargs for the +vsa rows")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--stall-timeout", type=float, default=300.0)
     args = ap.parse_args(argv)
     names = convergence._csv(args.workloads)
     rows = convergence._csv(args.rows)
+    if args.alt_phase_options is not None:
+        rows += [r for r in ALT_ROWS if r.replace("-alt", "") in rows]
     for r in rows:
-        if r not in ROWS:
+        if r not in ROWS + ALT_ROWS:
             ap.error(f"unknown row {r!r}; choose from {', '.join(ROWS)}")
     seeds = tuple(int(s) for s in convergence._csv(args.seeds))
     steps = dict(DEFAULT_STEPS)
     if args.steps:
         steps.update(convergence._parse_steps(args.steps, names))
     popts, hopts = _options(args.phase_options), _options(args.hook_options)
+    aopts = _options(args.alt_phase_options or "")
 
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ.setdefault("MKL_NUM_THREADS", "1")
@@ -289,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         wrows = []
         for row in rows:
             task = Task(workload=name, row=row, seeds=seeds, steps=steps[name],
-                        phase_options=popts if row.startswith("phase") else {},
+                        phase_options=(aopts if row.startswith("phase-alt")
+                                       else popts if row.startswith("phase") else {}),
                         hook_options=hopts if row.endswith("+vsa") else {})
             t0 = time.perf_counter()
             res = run_task(task, stall_timeout_s=args.stall_timeout)
@@ -314,7 +324,10 @@ def main(argv: list[str] | None = None) -> int:
             "workloads": names, "rows": rows, "seeds": list(seeds),
             "steps": {n: steps[n] for n in names}, "world": 2, "backend": "gloo",
             "threads_per_rank": 1, "optimizer": "AdamW",
-            "phase_options": {**defaults, **popts}, "hook": {"mode": "ternary", **hopts},
+            "phase_options": {**defaults, **popts},
+            "alt_phase_options": ({**defaults, **aopts} if args.alt_phase_options is not None
+                                  else None),
+            "hook": {"mode": "ternary", **hopts},
             "task_defaults": {k: v for k, v in asdict(Task("", "", (), 0)).items()
                               if k not in ("workload", "row", "seeds", "steps")},
             "predicted_step": "no forward, no backward, no exchange",

@@ -126,27 +126,31 @@ class PhaseOptimizer:
     Args:
         optimizer: any ``torch.optim.Optimizer``; its param groups and LR schedulers work as
             usual (build schedulers on ``opt.optimizer``; predicted steps call its ``step``).
-        warmup_steps: real steps before the first phase cycle (default 20: early gradients
-            change fastest; Adam's moments need them).
-        full_steps: real steps at the start of each cycle that refresh the history (default 2).
-        predict_steps: predicted steps in a cycle, the start value when ``adaptive`` (default 4).
+        warmup_steps: real steps before the first phase cycle (default 100, as the VSA
+            hook's ``start_iter``: early gradients change fastest and Adam's moments need them.
+            Measured with benchmarks/phase.py, transformer, 2 seeds: predicting from step 20
+            cost +6..9% eval loss, from step 100 +4%).
+        full_steps: real steps at the start of each cycle that refresh the history (default 1).
+        predict_steps: predicted steps in a cycle, the start value when ``adaptive`` (default 2).
         correct_every: a CORRECT step after every ``correct_every`` predicted steps (default
-            2). With the defaults a cycle is FULL FULL PREDICT PREDICT CORRECT PREDICT PREDICT
-            CORRECT: 4 of 8 steps without a backward pass.
+            2). With the defaults a cycle is FULL PREDICT PREDICT CORRECT: half the steps after
+            the warm-up run no backward pass (a third of a 300-step run).
         adaptive: adapt ``predict_steps`` to the loss trend and the measured prediction quality
             (default True): one longer predict phase (up to ``max_predict_steps``) after each
             cycle whose real-step loss fell, back to FULL (and a halved phase) when it rose or
-            when a CORRECT step measures a cosine similarity below ``min_quality``.
+            when a CORRECT step measures a cosine similarity below ``min_quality``. It
+            shortens the phases where prediction works badly (the transformer of
+            benchmarks/phase.py: cosine about 0), so it skips fewer steps than the fixed cycle.
         max_predict_steps: upper bound of the adaptive predict phase (default 16).
         min_quality: the cosine similarity between predicted and real gradient below which a
             CORRECT step ends the predict phase (default 0.0: minibatch noise keeps the cosine
-            of even a good prediction far below 1).
+            of even a useful prediction low, about 0.2 on the digits MLP).
         decay: weight of each older observation in the fit, in (0, 1) (default 0.9: the fit
             spans about ten real steps).
         fit: ``"line"`` (the least-squares line per element, extrapolated: the design's
             predictor) or ``"mean"`` (its weighted mean, slope 0).
         predict_lr_scale: predicted steps run with every param group's ``lr`` multiplied by
-            this (restored right after), in [0, 1] (default 1.0).
+            this (restored right after), in [0, 1] (default 1.0; 0.5 measured no better).
         loss_tolerance: relative rise of the cycle's mean loss that counts as rising
             (default 0.0).
         process_group: under DDP, the group whose ranks must agree on the schedule (default:
@@ -197,9 +201,9 @@ class PhaseOptimizer:
         self,
         optimizer: torch.optim.Optimizer,
         *,
-        warmup_steps: int = 20,
-        full_steps: int = 2,
-        predict_steps: int = 4,
+        warmup_steps: int = 100,
+        full_steps: int = 1,
+        predict_steps: int = 2,
         correct_every: int = 2,
         adaptive: bool = True,
         max_predict_steps: int = 16,
