@@ -9,6 +9,7 @@ mod kernel;
 pub mod keys;
 mod lanes;
 pub mod pack;
+pub mod predict;
 pub mod quant;
 pub mod simd;
 pub mod sync;

@@ -276,6 +276,73 @@ fn default_threads() -> usize {
     rayon::current_num_threads()
 }
 
+// -- the gradient predictor of tritter_comm.optim (src/predict.rs) ------------------------------
+
+impl From<crate::predict::PredictError> for PyErr {
+    fn from(e: crate::predict::PredictError) -> PyErr {
+        PyValueError::new_err(e.to_string())
+    }
+}
+
+/// Run `f` without the GIL on `threads` threads (0: rayon's global pool).
+fn run_predict<R: Send>(
+    py: Python<'_>,
+    threads: usize,
+    f: impl FnOnce() -> Result<R, crate::predict::PredictError> + Send,
+) -> PyResult<R> {
+    if threads == 0 {
+        return py.detach(f).map_err(PyErr::from);
+    }
+    let p = pool(threads)?;
+    py.detach(|| p.install(f)).map_err(PyErr::from)
+}
+
+/// Fold the float32 gradient `g`, observed `lag` steps after the previous one, into the
+/// predictor's running sums `sum_g` and `sum_tg` (in place), with weight decay `decay`.
+/// With `coef=(alpha, beta)`, first measure the prediction `alpha*sum_g + beta*sum_tg` against
+/// `g`; returns `(dot, pp, gg)` (f64 sums of p*g, p*p, g*g; zeros without `coef`).
+#[pyfunction]
+#[pyo3(signature = (g, sum_g, sum_tg, lag, decay, coef=None, threads=0))]
+#[allow(clippy::too_many_arguments)]
+fn predict_observe(
+    py: Python<'_>,
+    g: PyReadonlyArray1<'_, f32>,
+    mut sum_g: PyReadwriteArray1<'_, f32>,
+    mut sum_tg: PyReadwriteArray1<'_, f32>,
+    lag: f32,
+    decay: f32,
+    coef: Option<(f32, f32)>,
+    threads: usize,
+) -> PyResult<(f64, f64, f64)> {
+    let g = contiguous(&g, "g")?;
+    let sg = contiguous_mut(&mut sum_g, "sum_g")?;
+    let stg = contiguous_mut(&mut sum_tg, "sum_tg")?;
+    let q = run_predict(py, threads, || {
+        crate::predict::observe(g, sg, stg, lag, decay, coef)
+    })?;
+    Ok((q.dot, q.pp, q.gg))
+}
+
+/// Write the prediction `alpha*sum_g + beta*sum_tg` into the float32 vector `out`.
+#[pyfunction]
+#[pyo3(signature = (sum_g, sum_tg, alpha, beta, out, threads=0))]
+fn predict_apply(
+    py: Python<'_>,
+    sum_g: PyReadonlyArray1<'_, f32>,
+    sum_tg: PyReadonlyArray1<'_, f32>,
+    alpha: f32,
+    beta: f32,
+    mut out: PyReadwriteArray1<'_, f32>,
+    threads: usize,
+) -> PyResult<()> {
+    let sg = contiguous(&sum_g, "sum_g")?;
+    let stg = contiguous(&sum_tg, "sum_tg")?;
+    let out = contiguous_mut(&mut out, "out")?;
+    run_predict(py, threads, || {
+        crate::predict::predict(sg, stg, alpha, beta, out)
+    })
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -297,6 +364,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sync_check, m)?)?;
     m.add_function(wrap_pyfunction!(sync_nbytes, m)?)?;
     m.add_function(wrap_pyfunction!(sync_row_group, m)?)?;
+    m.add_function(wrap_pyfunction!(predict_observe, m)?)?;
+    m.add_function(wrap_pyfunction!(predict_apply, m)?)?;
     Ok(())
 }
 

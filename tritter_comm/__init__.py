@@ -22,9 +22,10 @@ __version__ = _native.__version__
 
 
 def __getattr__(name):
-    # tritter_comm.fsdp (FSDP2's enable) imports torch.distributed.fsdp, seconds of import
-    # time: loaded on first use, not by `import tritter_comm`.
-    if name in ("fsdp", "sync"):  # sync: packed-ternary weight sync, loaded on first use
+    # Submodules loaded on first use, not by `import tritter_comm`: fsdp (FSDP2's enable
+    # imports torch.distributed.fsdp, seconds of import time), optim (the phase-based optimizer
+    # wrapper), sync (packed-ternary weight sync).
+    if name in ("fsdp", "optim", "sync"):
         import importlib
 
         return importlib.import_module("." + name, __name__)
@@ -46,6 +47,7 @@ __all__ = [
     "decode",
     "encode",
     "fsdp",
+    "optim",
     "get_num_threads",
     "set_num_threads",
     "sync",

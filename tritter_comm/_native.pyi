@@ -93,3 +93,22 @@ def sync_header(dtype: int, per_row: bool, group: int, shape: list[int]) -> byte
 def sync_check(b: bytes, threads: int = 0) -> tuple[int, bool, int, list[int], int]: ...
 def sync_nbytes(shape: list[int], group: Optional[int] = None) -> int: ...
 def sync_row_group(shape: list[int]) -> int: ...
+
+# the gradient predictor of tritter_comm.optim (src/predict.rs)
+def predict_observe(
+    g: npt.NDArray[np.float32],
+    sum_g: npt.NDArray[np.float32],
+    sum_tg: npt.NDArray[np.float32],
+    lag: float,
+    decay: float,
+    coef: Optional[tuple[float, float]] = None,
+    threads: int = 0,
+) -> tuple[float, float, float]: ...
+def predict_apply(
+    sum_g: npt.NDArray[np.float32],
+    sum_tg: npt.NDArray[np.float32],
+    alpha: float,
+    beta: float,
+    out: npt.NDArray[np.float32],
+    threads: int = 0,
+) -> None: ...
