@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a small transformer on 2 local CPU ranks with and without compression",
         description="Train a small byte-level transformer on local CPU ranks (gloo), once per "
         "mode, print a table (eval loss, bytes per step, ratio, time) and plot eval loss "
-        "against bytes sent. Nothing to configure; about two minutes on 2 cores.",
+        "against bytes sent. Nothing to configure; under a minute on 2 idle cores.",
     )
     s.add_argument("--quick", action="store_true",
                    help=f"a smoke test: {QUICK['steps']} steps, compression from step "
