@@ -33,6 +33,7 @@ _STATE_VERSION = 1
 _CONFIG_FIELDS = ("format_version", "package_version", "mode", "block_log2", "seed_lo", "seed_hi",
                   "start_iter", "min_compress_numel", "error_feedback", "server_error_feedback",
                   "fixed_keys", "auto", "phase2_mode")
+_CONFIG_ROW_LEN = 32
 
 
 _RESIDUAL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -230,14 +231,16 @@ class VSAState:
             "phase2_mode": self.phase2_mode,
         }
 
-
     def _config_row(self) -> list[int]:
-        return [_native.FORMAT_VERSION, _version_number(), MODES[self.mode],
-                _block_log2(self.block_size),
-                self.seed & 0x7FFFFFFF_FFFFFFFF, self.seed >> 63, self.start_iter,
-                self.min_compress_numel, int(self.error_feedback),
-                int(self.server_error_feedback), int(self.fixed_keys), int(self.auto),
-                MODES[self.phase2_mode]]
+        row = [_native.FORMAT_VERSION, _version_number(), MODES[self.mode],
+               _block_log2(self.block_size),
+               self.seed & 0x7FFFFFFF_FFFFFFFF, self.seed >> 63, self.start_iter,
+               self.min_compress_numel, int(self.error_feedback),
+               int(self.server_error_feedback), int(self.fixed_keys), int(self.auto),
+               MODES[self.phase2_mode]]
+        # A fixed length, so that versions with more fields still gather rows of one size and
+        # fail with the message below (package_version differs), not in the collective.
+        return row + [0] * (_CONFIG_ROW_LEN - len(row))
 
     def _check_config(self, device: torch.device) -> None:
         """All ranks compare their configuration; a difference fails on every rank."""
