@@ -7,6 +7,7 @@ data-parallel over every rank torchrun starts, with the gradient exchange chosen
     torchrun ... launch/train.py --comm none | fp16 | powersgd
     torchrun ... launch/train.py --comm vsa --comm-config launch/tritter_comm.yaml
     torchrun ... launch/train.py --checkpoint-dir ckpt --checkpoint-every 100   # then --resume
+    torchrun ... launch/train.py --phase     # predicted steps skip the backward pass (DDP)
     bash launch/torchrun.sh ...     # the same, with one- and multi-node launch arguments
 
 CPU ranks use gloo, GPU ranks NCCL (--device). Checkpoints hold the model and optimizer
@@ -72,7 +73,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="shard the model with FSDP1 (FullyShardedDataParallel) or FSDP2 "
                    "(fully_shard) instead of DDP")
     g.add_argument("--phase", action="store_true",
-                   help="phase-based training (predicted steps): not available yet")
+                   help="phase-based training (tritter_comm.optim.PhaseOptimizer): after a "
+                   "warm-up, predicted steps skip the backward pass and the exchange (DDP only)")
+    g.add_argument("--phase-warmup", type=int, default=None,
+                   help="--phase: real steps before the first prediction (default: "
+                   "PhaseOptimizer's, 100)")
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=300)
     g.add_argument("--size", choices=tuple(SIZES), default="small",
@@ -94,9 +99,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "0 or unset) the last rank SIGKILLs itself after the backward pass of "
                         "step N, mid-exchange for the others")
     args = p.parse_args(argv)
-    if args.phase:
-        p.error("--phase: phase-based training (tritter_comm.optim.PhaseOptimizer) is not "
-                "available in this version of tritter-comm yet")
+    if args.phase and args.fsdp != "none":
+        p.error("--phase works with DDP (--fsdp none): predictions of sharded gradients are "
+                "not tested")
+    if args.phase_warmup is not None and not args.phase:
+        p.error("--phase-warmup applies to --phase")
     if args.comm in ("fp16", "powersgd") and args.fsdp != "none":
         p.error(f"--comm {args.comm} is a DDP hook; with --fsdp use --comm none or vsa")
     if args.mode and args.comm != "vsa":
@@ -242,11 +249,14 @@ def load_hook_state(state, saved) -> None:
         state.process_group = group
 
 
-def save_checkpoint(root: Path, step: int, model, opt, sched, state, rank: int) -> Path:
+def save_checkpoint(root: Path, step: int, model, opt, sched, state, rank: int,
+                    phase=None) -> Path:
     path = root / f"step_{step}"
     model_sd, optim_sd = get_state_dict(model, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / "dcp"))
-    torch.save({"hook": hook_state_dict(state)}, path / f"comm_rank{rank}.pt")
+    torch.save({"hook": hook_state_dict(state),
+                "phase": phase.state_dict() if phase is not None else None},
+               path / f"comm_rank{rank}.pt")
     if rank == 0:
         torch.save({"step": step, "sched": sched.state_dict(),
                     "world_size": dist.get_world_size()}, path / "train_state.pt")
@@ -256,7 +266,7 @@ def save_checkpoint(root: Path, step: int, model, opt, sched, state, rank: int) 
     return path
 
 
-def load_checkpoint(path: Path, model, opt, sched, state, rank: int) -> int:
+def load_checkpoint(path: Path, model, opt, sched, state, rank: int, phase=None) -> int:
     train_state = torch.load(path / "train_state.pt", weights_only=True)
     if train_state["world_size"] != dist.get_world_size():
         raise SystemExit(f"{path} was saved by {train_state['world_size']} ranks; this job has "
@@ -266,8 +276,12 @@ def load_checkpoint(path: Path, model, opt, sched, state, rank: int) -> int:
     dcp.load(sd, checkpoint_id=str(path / "dcp"))
     set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     sched.load_state_dict(train_state["sched"])
-    hook = torch.load(path / f"comm_rank{rank}.pt", weights_only=False)["hook"]
-    load_hook_state(state, hook)
+    saved = torch.load(path / f"comm_rank{rank}.pt", weights_only=False)
+    load_hook_state(state, saved["hook"])
+    if phase is not None:
+        if saved.get("phase") is None:
+            raise SystemExit(f"{path} was saved without --phase")
+        phase.load_state_dict(saved["phase"])
     return int(train_state["step"])
 
 
@@ -326,6 +340,12 @@ def main(argv=None) -> int:
     model, state = wrap(model, args, device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr or size["lr"], weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.steps))
+    phase = None
+    if args.phase:
+        from tritter_comm.optim import PhaseOptimizer
+
+        kw = {} if args.phase_warmup is None else {"warmup_steps": args.phase_warmup}
+        phase = PhaseOptimizer(opt, **kw)  # steps `opt`; checkpoints keep saving `opt` too
     log = print if rank == 0 else (lambda *a, **k: None)
     what = args.comm if args.comm != "vsa" else f"vsa ({comm_config(args).describe()})"
     log(f"{world} rank(s) on {device.type}, {numel:,} parameters, "
@@ -334,7 +354,7 @@ def main(argv=None) -> int:
     start = 0
     resume = resolve_resume(args)
     if resume is not None:
-        start = load_checkpoint(resume, model, opt, sched, state, rank)
+        start = load_checkpoint(resume, model, opt, sched, state, rank, phase)
         log(f"resumed from {resume} at step {start}", flush=True)
     ckpt_root = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     if ckpt_root is not None and rank == 0:
@@ -342,20 +362,28 @@ def main(argv=None) -> int:
 
     t0, sent0 = time.perf_counter(), bytes_sent(args, state, numel, world, start)
     last_eval = None
+    last_loss = float("nan")
     for step in range(start, args.steps):
-        x, y = (t.to(device) for t in data.batch(rank, world, step))
-        loss = F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = None
+        if phase is None or phase.needs_backward():
+            # A predicted step (--phase) runs no forward, no backward and no exchange.
+            x, y = (t.to(device) for t in data.batch(rank, world, step))
+            loss = F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            last_loss = loss.item()
         if step + 1 == args.fail_at_step and rank == world - 1 and first_attempt():
             print(f"rank {rank}: --fail-at-step {args.fail_at_step}: SIGKILL", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
-        opt.step()
+        if phase is None:
+            opt.step()
+        else:
+            phase.step(loss=last_loss if loss is not None else None)
         sched.step()
         done = step + 1
         if done % args.log_every == 0 or done == args.steps:
             sent = bytes_sent(args, state, numel, world, done) - sent0
-            log(f"step {done:>5}/{args.steps}  loss {loss.item():.4f}  "
+            log(f"step {done:>5}/{args.steps}  loss {last_loss:.4f}  "
                 f"lr {sched.get_last_lr()[0]:.2e}  sent {sent / 1e6:8.2f} MB/rank  "
                 f"{(time.perf_counter() - t0) / (done - start):.3f} s/step", flush=True)
         if (args.eval_every and done % args.eval_every == 0) or done == args.steps:
@@ -364,16 +392,21 @@ def main(argv=None) -> int:
         if ckpt_root is not None and (
                 (args.checkpoint_every and done % args.checkpoint_every == 0)
                 or done == args.steps):
-            path = save_checkpoint(ckpt_root, done, model, opt, sched, state, rank)
+            path = save_checkpoint(ckpt_root, done, model, opt, sched, state, rank, phase)
             log(f"step {done:>5}  checkpoint {path}", flush=True)
 
     digest = params_digest(model)
     summary = {"steps": args.steps, "start": start, "world": world, "comm": args.comm,
                "fsdp": args.fsdp, "eval_loss": last_eval, "params_sha256": digest,
                "bytes_sent_per_rank": bytes_sent(args, state, numel, world, args.steps) - sent0,
-               "hook_stats": state.stats() if isinstance(state, tritter_comm.VSAState) else None}
+               "hook_stats": state.stats() if isinstance(state, tritter_comm.VSAState) else None,
+               "phase_stats": phase.stats() if phase is not None else None}
     if rank == 0 and args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=1))
+    if phase is not None:
+        st = phase.stats()
+        log(f"phase: {st['backward_skipped']} of {st['steps']} steps predicted (no backward pass, "
+            f"no exchange)", flush=True)
     log(f"done: eval loss {last_eval:.4f}, params sha256 {digest[:16]}", flush=True)
     dist.destroy_process_group()
     return 0

@@ -100,10 +100,27 @@ def test_train_fsdp_vsa(kind, tmp_path):
     assert s["fsdp"] == kind and s["hook_stats"]["buckets_compressed"] > 0
 
 
-def test_phase_is_not_available_yet():
-    p = subprocess.run([sys.executable, ROOT / "launch" / "train.py", "--phase"], env=env(),
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and "not available" in p.stderr
+def test_phase_training_skips_backward_passes_and_resumes_exactly(tmp_path):
+    common = ["--comm", "vsa", "--start-iter", "2", "--phase", "--phase-warmup", "3",
+              "--steps", "12", *SHORT]
+    run(["bash", TORCHRUN_SH, *common, "--checkpoint-dir", tmp_path / "ck", "--checkpoint-every",
+         "6", "--summary-json", tmp_path / "a.json"], PYTHON=sys.executable)
+    run(["bash", TORCHRUN_SH, *common, "--resume", tmp_path / "ck" / "step_6",
+         "--summary-json", tmp_path / "b.json"], PYTHON=sys.executable)
+    a, b = _summary(tmp_path / "a.json"), _summary(tmp_path / "b.json")
+    st = a["phase_stats"]
+    assert st["steps"] == 12 and st["backward_skipped"] > 0
+    assert st["backward_passes"] + st["backward_skipped"] == 12
+    # the hook ran only on real steps: its iteration count is the backward passes
+    assert a["hook_stats"]["iter"] == st["backward_passes"]
+    assert b["start"] == 6 and b["phase_stats"] == st
+    assert b["params_sha256"] == a["params_sha256"]
+
+
+def test_phase_needs_ddp():
+    p = subprocess.run([sys.executable, ROOT / "launch" / "train.py", "--phase", "--fsdp",
+                        "fsdp2"], env=env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--phase works with DDP" in p.stderr
 
 
 def test_accelerate_recipe(tmp_path):
