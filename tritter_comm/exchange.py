@@ -128,7 +128,9 @@ def _encode(x, slot, *, seed, stream, plan, residual, timers, phase=0) -> bool:
     """Encode into ``slot``; on NaN/Inf poison it instead and leave ``residual`` as it was.
 
     A residual kept in a narrower dtype (``VSAState(residual_dtype=torch.bfloat16)``, half the
-    memory) is widened to float32 for the encode and rounded back after it.
+    memory) is widened to float32 for the encode and rounded back after it. The widened copy is
+    encoded in one pass (``check_finite=False``): on an error it is dropped, so the residual is
+    left as it was all the same; in place, the codec needs a second pass to promise that.
     """
     t0 = time.perf_counter()
     n = x.numel()
@@ -139,7 +141,8 @@ def _encode(x, slot, *, seed, stream, plan, residual, timers, phase=0) -> bool:
     try:
         encode_body_into(x, slot[: _native.body_nbytes(n, mode_id, plan.block_log2)],
                          seed=seed, stream=stream, mode_id=mode_id,
-                         block_log2=plan.block_log2, residual=work, check_finite=True)
+                         block_log2=plan.block_log2, residual=work,
+                         check_finite=work is residual)
         if work is not residual:
             residual.copy_(work)
         ok = True
