@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import struct
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
