@@ -43,6 +43,7 @@ __all__ = [
     "fp32_allreduce_bytes",
     "register",
     "vsa_available",
+    "vsa_options",
 ]
 
 VSA_MODES = {"vsa": None, "vsa-ternary": "ternary", "vsa-sign": "sign", "vsa-int2": "int2"}
@@ -142,11 +143,15 @@ def register(
             f"mode {comm!r} needs tritter_comm.hooks.VSAState and vsa_hook, which do not import "
             f"({type(e).__name__}: {e}); build the package with `maturin develop` first"
         ) from e
-    if VSA_MODES[comm] is not None:
-        kw = {"mode": VSA_MODES[comm], **kw}
-    state = VSAState(process_group, **kw)
+    state = VSAState(process_group, **vsa_options(comm, **kw))
     ddp_model.register_comm_hook(state, vsa_hook)
     return state
+
+
+def vsa_options(comm: str, **kw: Any) -> dict[str, Any]:
+    """``VSAState`` keyword arguments for the VSA mode ``comm`` (``vsa``: the defaults)."""
+    mode = VSA_MODES[comm]
+    return kw if mode is None else {"mode": mode, **kw}
 
 
 def fp32_allreduce_bytes(ddp_model: nn.Module, *, process_group: Any = None) -> float:

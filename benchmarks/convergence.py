@@ -185,7 +185,7 @@ def _train_one(rank: int, task: Task, seed: int, q: Any) -> dict[str, Any]:
     return out
 
 
-def _worker(rank: int, task: Task, init_method: str, q: Any) -> None:
+def _worker(rank: int, task: Any, init_method: str, q: Any, train_one: Any) -> None:
     torch.set_num_threads(1)
     try:
         dist.init_process_group(
@@ -197,7 +197,7 @@ def _worker(rank: int, task: Task, init_method: str, q: Any) -> None:
         )
         try:
             for seed in task.seeds:
-                q.put(("result", rank, _train_one(rank, task, seed, q)))
+                q.put(("result", rank, train_one(rank, task, seed, q)))
         finally:
             dist.destroy_process_group()
     except BaseException:
@@ -213,13 +213,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_task(task: Task, *, stall_timeout_s: float) -> dict[str, Any]:
-    """Run one row in ``task.world`` fresh processes; return its results or its error."""
+def run_ranks(
+    task: Any, train_one: Any, *, stall_timeout_s: float
+) -> tuple[dict[int, dict[int, dict[str, Any]]], str | None]:
+    """Run ``train_one(rank, task, seed, q)`` for every seed of ``task`` (``world``, ``seeds``,
+    ``collective_timeout_s``) on ``task.world`` fresh gloo processes; return the results by
+    seed and rank, and the error if a rank failed, exited or stalled. ``train_one`` must be a
+    module-level function (it is pickled into spawned processes); it may put ``("beat", rank)``
+    on ``q`` to show progress."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     init_method = f"tcp://127.0.0.1:{_free_port()}"
     procs = [
-        ctx.Process(target=_worker, args=(r, task, init_method, q), daemon=True)
+        ctx.Process(target=_worker, args=(r, task, init_method, q, train_one), daemon=True)
         for r in range(task.world)
     ]
     for p in procs:
@@ -251,6 +257,13 @@ def run_task(task: Task, *, stall_timeout_s: float) -> dict[str, Any]:
         if p.is_alive():
             p.kill()
             p.join(timeout=5)
+    return per_seed, error
+
+
+def run_task(task: Task, *, stall_timeout_s: float, train_one: Any = None) -> dict[str, Any]:
+    """Run one row in ``task.world`` fresh processes; return its results or its error.
+    ``train_one``: what each rank runs per seed (default: this module's DDP training)."""
+    per_seed, error = run_ranks(task, train_one or _train_one, stall_timeout_s=stall_timeout_s)
     if error is not None:
         return {"workload": task.workload, "mode": task.row, "error": error}
     return _summarize(task, per_seed)
@@ -419,16 +432,21 @@ def parse_mode(spec: str) -> tuple[str, dict[str, Any]]:
     mode, *items = spec.split(":")
     if mode not in comm.MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(comm.MODES)}")
+    return mode, parse_options(items, spec)
+
+
+def parse_options(items: list[str], where: str) -> dict[str, Any]:
+    """``["key=value", ...]`` -> options; values are Python literals, else strings."""
     options: dict[str, Any] = {}
     for item in items:
         key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise ValueError(f"bad option {item!r} in {spec!r}; write key=value")
+        if not eq or not key.strip():
+            raise ValueError(f"bad option {item!r} in {where!r}; write key=value")
         try:
-            options[key] = ast.literal_eval(value)
+            options[key.strip()] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):
-            options[key] = value
-    return mode, options
+            options[key.strip()] = value.strip()
+    return options
 
 
 def _parse_steps(text: str, names: list[str]) -> dict[str, int]:

@@ -31,14 +31,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime as _dt
 import hashlib
 import json
 import os
 import sys
 import time
-import traceback
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -125,7 +122,7 @@ def _train_one(rank: int, task: convergence.Task, seed: int, q: Any) -> dict[str
         import tritter_comm.fsdp
 
         options = {"seed": seed, **task.hook_options}
-        state = tritter_comm.VSAState(mode=comm.VSA_MODES[mode], **options)
+        state = tritter_comm.VSAState(**comm.vsa_options(mode, **options))
         if api == "fsdp1":
             model.register_comm_hook(state, tritter_comm.vsa_fsdp_hook)
         else:
@@ -197,37 +194,6 @@ def _train_one(rank: int, task: convergence.Task, seed: int, q: Any) -> dict[str
     return out
 
 
-def _worker(rank: int, task: convergence.Task, init_method: str, q: Any) -> None:
-    """convergence.run_task's worker, for FSDP rows (same messages, same process group)."""
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=init_method, rank=rank,
-                                world_size=task.world,
-                                timeout=_dt.timedelta(seconds=task.collective_timeout_s))
-        try:
-            for seed in task.seeds:
-                q.put(("result", rank, _train_one(rank, task, seed, q)))
-        finally:
-            dist.destroy_process_group()
-    except BaseException:
-        q.put(("error", rank, traceback.format_exc()))
-
-
-@contextlib.contextmanager
-def _fsdp_workers():
-    """Let convergence.run_task start this module's worker: its processes, queue, stall
-    detection and summary are reused as they are (the spawned ranks import the worker by its
-    own module and name)."""
-    if not hasattr(convergence, "_worker"):
-        raise RuntimeError("benchmarks.convergence no longer has _worker; update this script")
-    orig = convergence._worker
-    convergence._worker = _worker
-    try:
-        yield
-    finally:
-        convergence._worker = orig
-
-
 # ------------------------------------------------------------------------------------------ main
 
 
@@ -275,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                                 world=args.world, size=args.size,
                                 collective_timeout_s=args.collective_timeout)
         t0 = time.perf_counter()
-        with _fsdp_workers() if api else contextlib.nullcontext():
-            row = convergence.run_task(task, stall_timeout_s=args.stall_timeout)
+        row = convergence.run_task(task, stall_timeout_s=args.stall_timeout,
+                                   train_one=_train_one if api else None)
         row["row_wall_s"] = time.perf_counter() - t0
         row["fsdp_api"] = api
         if "error" in row:

@@ -27,15 +27,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import ast
-import datetime as _dt
 import json
 import os
-import queue as _queue
 import statistics
 import sys
 import time
-import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +42,6 @@ if str(_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from benchmarks import comm, convergence, workloads  # noqa: E402
@@ -73,7 +68,8 @@ class Task:
     hook_options: dict[str, Any] = field(default_factory=dict)
 
 
-def _train_one(rank: int, task: Task, seed: int) -> dict[str, Any]:
+def _train_one(rank: int, task: Task, seed: int, q: Any) -> dict[str, Any]:
+    """One seed's training on this rank (``q``: convergence.run_ranks's queue, unused)."""
     from tritter_comm.optim import PhaseOptimizer
 
     torch.manual_seed(seed)
@@ -123,52 +119,9 @@ def _train_one(rank: int, task: Task, seed: int) -> dict[str, Any]:
     return out
 
 
-def _worker(rank: int, task: Task, init_method: str, q: Any) -> None:
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=init_method, rank=rank,
-                                world_size=task.world,
-                                timeout=_dt.timedelta(seconds=task.collective_timeout_s))
-        try:
-            for seed in task.seeds:
-                q.put(("result", rank, _train_one(rank, task, seed)))
-        finally:
-            dist.destroy_process_group()
-    except BaseException:
-        q.put(("error", rank, traceback.format_exc()))
-
-
 def run_task(task: Task, *, stall_timeout_s: float) -> dict[str, Any]:
     """One row in ``task.world`` fresh processes: its per-seed results, or its error."""
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    init_method = f"tcp://127.0.0.1:{convergence._free_port()}"
-    procs = [ctx.Process(target=_worker, args=(r, task, init_method, q), daemon=True)
-             for r in range(task.world)]
-    for p in procs:
-        p.start()
-    per_seed: dict[int, dict[int, dict]] = {s: {} for s in task.seeds}
-    received, error, last = 0, None, time.monotonic()
-    while received < len(task.seeds) * task.world and error is None:
-        try:
-            msg = q.get(timeout=5)
-        except _queue.Empty:
-            if time.monotonic() - last > stall_timeout_s:
-                error = f"no progress for {stall_timeout_s:.0f} s (hang?)"
-            elif any(p.exitcode not in (None, 0) for p in procs):
-                error = "a rank exited"
-            continue
-        last = time.monotonic()
-        if msg[0] == "result":
-            per_seed[msg[2]["seed"]][msg[1]] = msg[2]
-            received += 1
-        else:
-            error = f"rank {msg[1]}:\n{msg[2]}"
-    for p in procs:
-        p.join(timeout=10 if error is None else 1)
-        if p.is_alive():
-            p.kill()
-            p.join(timeout=5)
+    per_seed, error = convergence.run_ranks(task, _train_one, stall_timeout_s=stall_timeout_s)
     if error is not None:
         return {"workload": task.workload, "row": task.row, "error": error}
     seeds = []
@@ -250,16 +203,7 @@ def format_table(workload: str, rows: list[dict]) -> str:
 
 
 def _options(text: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in convergence._csv(text):
-        k, eq, v = item.partition("=")
-        if not eq:
-            raise ValueError(f"bad option {item!r}; write key=value")
-        try:
-            out[k.strip()] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            out[k.strip()] = v
-    return out
+    return convergence.parse_options(convergence._csv(text), text)
 
 
 def main(argv: list[str] | None = None) -> int:
