@@ -117,7 +117,8 @@ class VSAReduceScatter(_API[1] if _API is not None else object):  # type: ignore
                        divide_by=divide_by, multiply_by=multiply_by)
         if not async_op:
             return None
-        fut: torch.futures.Future = torch.futures.Future()
+        fut: torch.futures.Future = (torch.futures.Future(devices=[output_tensor.device])
+                                     if output_tensor.is_cuda else torch.futures.Future())
         fut.set_result([output_tensor])
         return torch._C._distributed_c10d._create_work_from_future(fut)
 

@@ -375,8 +375,18 @@ def _world(state: VSAState) -> int:
     return dist.get_world_size(state.process_group)
 
 
+def _future(device: torch.device) -> torch.futures.Future:
+    """A future for a result computed on ``device``. On CUDA it is CUDA-aware: ``set_result``
+    records an event on the stream that computed the value (a callback's pool stream), and
+    whoever waits (DDP's reducer) waits for it; a plain future would let DDP read the bucket
+    before the decode wrote it (seen as replicas drifting apart on a GPU)."""
+    if device.type == "cuda":
+        return torch.futures.Future(devices=[device])
+    return torch.futures.Future()
+
+
 def _done(value: torch.Tensor) -> torch.futures.Future:
-    fut: torch.futures.Future = torch.futures.Future()
+    fut = _future(value.device)
     fut.set_result(value)
     return fut
 
@@ -436,7 +446,7 @@ def _start_exchange(state: VSAState, x: torch.Tensor, key: int, world: int):
     ex.start(x, res)
     state._bytes_sent += plan.wire_bytes
     state._buckets_compressed += 1
-    fut: torch.futures.Future = torch.futures.Future()
+    fut = _future(x.device)
     state._pending.append((ex, fut, x, key))
     return fut
 
