@@ -1,0 +1,76 @@
+"""Rank functions of tests/test_cuda.py: gloo ranks whose tensors live on the one GPU."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import tritter_comm
+from tritter_comm.codec import MODES
+from tritter_comm.exchange import Exchange, Plan, Timers
+
+import _ddp_workers as W
+
+
+def exchange_cpu_and_cuda(rank, world, *, n=300_001, steps=3, mode="int2"):
+    """The same exchanges (client and server residuals carried over steps) on CPU tensors and
+    on CUDA tensors. Compared here (tensors sent back through the queue would be shared by
+    file descriptor, which the exiting rank closes): which of them match, and the bytes of the
+    CPU outputs, for the comparison across ranks."""
+    plan = Plan.make(n, world, 10, MODES[mode], MODES[mode])
+    lo, hi = plan.bounds(rank)
+    g = torch.Generator().manual_seed(100 + rank)
+    xs = [torch.randn(n, generator=g) * (1 + s) for s in range(steps)]
+    out = {}
+    for dev in ("cpu", "cuda"):
+        res = torch.zeros(n, device=dev)
+        sres = torch.zeros(hi - lo, device=dev)
+        ys = []
+        for step, x in enumerate(xs):
+            ex = Exchange(plan, rank=rank, group=None, seed=7, step=step, key=0, timers=Timers())
+            y = x.to(dev).clone()
+            ex.start(y, res)
+            ex.reduce(sres)
+            ex.gather_future().wait()
+            ys.append(ex.finish(y).cpu())
+        out[dev] = {"ys": ys, "res": res.cpu(), "sres": sres.cpu()}
+    cpu, gpu = out["cpu"], out["cuda"]
+    return {
+        "outputs_equal": [torch.equal(a, b) for a, b in zip(cpu["ys"], gpu["ys"])],
+        "residual_equal": torch.equal(cpu["res"], gpu["res"]),
+        "server_residual_equal": torch.equal(cpu["sres"], gpu["sres"]),
+        "residual_used": bool(cpu["res"].abs().sum() > 0 and cpu["sres"].abs().sum() > 0),
+        "outputs": [y.numpy().tobytes() for y in cpu["ys"]],
+    }
+
+
+def ddp_on_cuda(rank, world, *, steps=30, mode="int2", hook=True):
+    """DDP over gloo with the model on the GPU (and the VSA hook): the losses, the parameters
+    and the first step after which the replicas differed (None if never)."""
+    torch.manual_seed(0)
+    model = W.Net(width=256).cuda()
+    ddp = DDP(model, device_ids=[0], bucket_cap_mb=0.5)
+    state = tritter_comm.VSAState(mode=mode, start_iter=2, min_compress_numel=1000)
+    if hook:
+        ddp.register_comm_hook(state, tritter_comm.vsa_hook)
+    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
+    losses, first_diff = [], None
+    for step in range(steps):
+        x, y = W._data(rank, step, torch.float32)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(ddp(x.cuda()), y.cuda())
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        sums = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+        mine = sum(p.detach().double().sum() for p in model.parameters()).cpu().reshape(1)
+        dist.all_gather(sums, mine)
+        if first_diff is None and any(not torch.equal(sums[0], t) for t in sums):
+            first_diff = step
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()]).cpu()
+    dist.barrier()
+    return {"losses": losses, "params": flat.numpy().tobytes(), "stats": state.stats(),
+            "first_diff": first_diff,
+            "residual_devices": sorted({str(r.device) for r in state.residuals.values()})}
