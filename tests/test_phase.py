@@ -83,6 +83,22 @@ def test_predictor_extrapolates_a_line(backend):
         pred.tick()
 
 
+@pytest.mark.parametrize("backend", ["rust", "torch"])
+def test_predictor_fits_mean_and_zero(backend):
+    # mean: the weighted mean of the history, whatever the trend; zero: nothing at all
+    grads = [torch.tensor([1.0, -2.0]), torch.tensor([3.0, 2.0])]
+    mean = Predictor(2, "cpu", decay=0.5, fit="mean", backend=backend)
+    zero = Predictor(2, "cpu", decay=0.5, fit="zero", backend=backend)
+    for g in grads:
+        mean.observe(g)
+        zero.observe(g)
+        mean.tick()
+        zero.tick()
+    # weights 0.5 and 1: (0.5 g0 + g1) / 1.5
+    torch.testing.assert_close(mean.predict(torch.empty(2)), (0.5 * grads[0] + grads[1]) / 1.5)
+    assert torch.equal(zero.predict(torch.full((2,), 7.0)), torch.zeros(2))
+
+
 def test_predictor_with_one_observation_repeats_it():
     pred = Predictor(2, "cpu", decay=0.9)
     pred.observe(torch.tensor([2.0, -3.0]))

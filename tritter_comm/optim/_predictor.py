@@ -31,8 +31,9 @@ from .. import _native
 __all__ = ["BACKENDS", "FITS", "Predictor"]
 
 BACKENDS = ("auto", "rust", "torch")
-# "line": the least-squares line, extrapolated; "mean": its weighted mean only (slope 0)
-FITS = ("line", "mean")
+# "line": the least-squares line, extrapolated; "mean": its weighted mean only (slope 0);
+# "zero": no prediction (the wrapped optimizer coasts on its own momentum)
+FITS = ("line", "mean", "zero")
 _DEGENERATE = 1e-9  # relative size of W*TT - T**2 below which the line is not fitted
 
 
@@ -82,6 +83,8 @@ class Predictor:
 
     def coef(self, h: float) -> tuple[float, float]:
         """``(alpha, beta)``, rounded to float32, of the prediction ``h`` steps ahead."""
+        if self.fit == "zero":  # no prediction: the wrapped optimizer coasts on its momentum
+            return 0.0, 0.0
         w, t, tt = self.w, self.t, self.tt
         d = w * tt - t * t
         if self.fit == "mean" or d <= _DEGENERATE * w * w:
