@@ -38,3 +38,31 @@ def test_ddp_without_hook_on_cuda_keeps_replicas_identical():
     # the control: gloo's own all-reduce of CUDA buckets
     res = run(C.ddp_on_cuda, 2, hook=False, timeout=300)
     assert res[0]["first_diff"] is None, f"replicas differ after step {res[0]['first_diff']}"
+
+
+@pytest.mark.parametrize("precision", ["highest", "high", "medium"])
+@pytest.mark.parametrize("block_log2", [8, 10, 16])
+def test_cuda_decode_is_exact_under_any_matmul_precision(precision, block_log2):
+    # the transform of the levels runs as matrix products (TF32 or bf16 inputs under "high" and
+    # "medium"); its inputs are small integers, so the result must not change
+    from tritter_comm import _torch_codec as tc
+
+    n = 3 * (1 << block_log2) + 1000
+    g = torch.Generator().manual_seed(block_log2)
+    x = torch.randn(n, generator=g)
+    e = 0.1 * torch.randn(n, generator=g)
+    kw = dict(seed=5, stream=9, mode=2, block_log2=block_log2)
+    ec = e.clone()
+    body = tc.encode_body(x, residual=ec, **kw)
+    y = tc.decode_body(body, n=n, dtype=torch.float32, **kw)
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        eg = e.cuda()
+        bg = tc.encode_body(x.cuda(), residual=eg, **kw)
+        yg = tc.decode_body(bg, n=n, dtype=torch.float32, **kw)
+    finally:
+        torch.set_float32_matmul_precision(old)
+    assert torch.equal(body, bg.cpu())
+    assert torch.equal(ec, eg.cpu())
+    assert torch.equal(y, yg.cpu())

@@ -220,9 +220,43 @@ def _levels(codes: torch.Tensor, mode: int) -> torch.Tensor:
     return 2.0 * c - 3.0
 
 
+# The transform of integer levels as two matrix products (Sylvester order: H_L = H_A kron H_B):
+# every input, product and partial sum is an integer below 2^24, so any order of the additions
+# gives the exact result, the butterflies' bits included, and so does a matmul on TF32 or bf16
+# inputs (`torch.set_float32_matmul_precision`), as long as each product's inputs have at most 8
+# significant bits: levels (|l| <= 3) in the first, sums of at most B = 64 of them (<= 192) in the
+# second. Blocks shorter than this run the butterflies.
+_MM_MIN = 64
+_MM_B = 64
+_HADAMARD: dict = {}
+
+
+def _hadamard(n: int, device) -> torch.Tensor:
+    """The Sylvester Hadamard matrix of order ``n`` (a power of two), f32, cached per device."""
+    key = (n, str(device))
+    h = _HADAMARD.get(key)
+    if h is None:
+        h = torch.ones(1, 1)
+        while h.shape[0] < n:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        h = _HADAMARD[key] = h.to(device)
+    return h
+
+
+def _wht_levels(v: torch.Tensor) -> torch.Tensor:
+    """``_wht`` of integer levels (|v| <= 3): the same values, in two matrix products."""
+    nb, length = v.shape
+    if length < _MM_MIN:
+        return _wht(v)
+    b = min(_MM_B, length)
+    a = length // b
+    z = torch.matmul(v.view(nb, a, b), _hadamard(b, v.device))
+    return torch.matmul(_hadamard(a, v.device), z).view(nb, length)
+
+
 def _dequantize(codes: torch.Tensor, scale: torch.Tensor, key: torch.Tensor, mode: int):
     """Step 6 in f32: ``xhat = (WHT(level) * scale) * key``."""
-    w = _wht(_levels(codes, mode))
+    w = _wht_levels(_levels(codes, mode))
     return (w * scale) * key
 
 
