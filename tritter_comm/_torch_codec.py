@@ -4,7 +4,8 @@ Runs on any device with no host synchronization: every step is a vectorized torc
 ``(blocks, L)`` view, full blocks in one batch and the tail block (if any) as a ``(1, T)`` batch.
 Float arithmetic follows the operation order of FORMAT.md literally (butterfly stages in
 ascending ``h``, tree sums by repeated halving, scale formulas op by op), because the Rust codec
-and this one must agree bit for bit. Each torch op here is one IEEE binary32 operation per
+and this one must agree bit for bit (the transform of the integer levels in decoding is exact in
+any order, and runs as matrix products: ``_wht_levels``). Each torch op here is one IEEE binary32 operation per
 element (no fused multiply-add: eager kernels do not fuse), so do not run this under
 ``torch.compile``.
 
