@@ -5,9 +5,9 @@ Runs on any device with no host synchronization: every step is a vectorized torc
 Float arithmetic follows the operation order of FORMAT.md literally (butterfly stages in
 ascending ``h``, tree sums by repeated halving, scale formulas op by op), because the Rust codec
 and this one must agree bit for bit (the transform of the integer levels in decoding is exact in
-any order, and runs as matrix products: ``_wht_levels``). Each torch op here is one IEEE binary32 operation per
-element (no fused multiply-add: eager kernels do not fuse), so do not run this under
-``torch.compile``.
+any order, and runs as matrix products: ``_wht_levels``). Each torch op here is one IEEE
+binary32 operation per element (no fused multiply-add: eager kernels do not fuse), so do not run
+this under ``torch.compile``.
 
 The body is the payload without its 32-byte header: ``4 * nblocks`` bytes of little-endian f32
 scales, then the packed blocks in order.
