@@ -6,6 +6,7 @@ the weight sync's in test_sync.py and the predictor's in test_phase.py.
 
 import pytest
 import torch
+import tritter_comm
 
 import _cuda_workers as C
 from _dist import run
@@ -66,3 +67,27 @@ def test_cuda_decode_is_exact_under_any_matmul_precision(precision, block_log2):
     assert torch.equal(body, bg.cpu())
     assert torch.equal(ec, eg.cpu())
     assert torch.equal(y, yg.cpu())
+
+
+@pytest.mark.parametrize("block_log2", [8, 10, 12])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["ternary", "sign", "int2"])
+def test_triton_encoder_on_cuda_gives_the_rust_bytes(mode, dtype, block_log2):
+    from tritter_comm import _triton_codec as tt
+    from tritter_comm.codec import MODES, encode_body_into
+
+    n = 7 * (1 << block_log2) + 333
+    g = torch.Generator().manual_seed(block_log2)
+    x = (torch.randn(n, generator=g) * 2).to(dtype)
+    e = (torch.randn(n, generator=g) * 0.2).to(dtype)
+    kw = dict(seed=3, stream=77, mode_id=MODES[mode], block_log2=block_log2)
+    size = tritter_comm.body_nbytes(n, mode=mode, block_size=1 << block_log2)
+    bc, bg = torch.empty(size, dtype=torch.uint8), torch.empty(size, dtype=torch.uint8,
+                                                               device="cuda")
+    ec, eg = e.clone(), e.cuda()
+    encode_body_into(x, bc, residual=ec, backend="rust", **kw)
+    before = tt.launches
+    encode_body_into(x.cuda(), bg, residual=eg, backend="torch", **kw)
+    assert tt.launches == before + 1, tt._broken
+    assert torch.equal(bc, bg.cpu())
+    assert torch.equal(ec, eg.cpu())

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from . import _triton_codec
+
 __all__ = [
     "MODES",
     "block_sizes",
@@ -86,10 +88,13 @@ def _mix32_t(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def keys(n_padded: int, k1: int, k2: int, device) -> torch.Tensor:
-    """The keys (float32 +-1.0) of padded positions ``0 .. n_padded``."""
+def keys(n_padded: int, k1: int, k2: int, device, start: int = 0) -> torch.Tensor:
+    """The keys (float32 +-1.0) of padded positions ``start .. start + n_padded`` (``start`` a
+    multiple of 32)."""
+    if start % 32:
+        raise ValueError(f"start must be a multiple of 32, got {start}")
     nw = (n_padded + 31) // 32
-    w = torch.arange(nw, device=device, dtype=torch.int64)
+    w = torch.arange(start // 32, start // 32 + nw, device=device, dtype=torch.int64)
     w = _mix32_t(w ^ k1)
     w = _mix32_t((w + k2) & _M32)
     # Reinterpret as signed int32 arithmetically (exact, no out-of-range conversion); an
@@ -327,24 +332,35 @@ def encode_body(
     dev = x.device
     if n == 0:
         return torch.empty(0, dtype=torch.uint8, device=dev)
-    u = x.to(torch.float32)
-    if residual is not None:
-        u = u + residual.to(torch.float32)
     nf = nfull * b
     k1, k2 = stream_keys(seed, stream)
-    key = keys(nf + t, k1, k2, dev)
+    scales, packed = [], []
+    lo = 0
+    if nfull and _triton_codec.available(dev, b):
+        # the full blocks in one kernel (CUDA); the tail, if any, below
+        done = _triton_codec.encode_full_blocks(
+            x, residual, nfull=nfull, block_log2=block_log2, mode=mode, k1=k1, k2=k2)
+        if done is not None:
+            scales.append(done[0])
+            packed.append(_pack(done[1], mode).reshape(-1))
+            lo = nf
+    if lo == n:
+        return torch.cat([torch.cat(scales).view(torch.uint8), *packed])
+    u = x[lo:].to(torch.float32)
+    if residual is not None:
+        u = u + residual[lo:].to(torch.float32)
+    key = keys(nf + t - lo, k1, k2, dev, start=lo)
 
-    parts = []  # (u block view, key view, element count) per batch
-    if nfull:
+    parts = []  # (u block view, key view, element count) per batch, from element lo on
+    if nfull and lo == 0:
         parts.append((u[:nf].view(nfull, b), key[:nf].view(nfull, b), nf))
     if t:
         r = n - nf
         ut = u.new_zeros(1, t)
-        ut[0, :r] = u[nf:]
-        parts.append((ut, key[nf:].view(1, t), r))
+        ut[0, :r] = u[nf - lo:]
+        parts.append((ut, key[nf - lo:].view(1, t), r))
 
-    scales, packed = [], []
-    pos = 0
+    pos = lo
     for ub, kb, cnt in parts:
         z = _wht(ub * kb)
         scale, codes = _quantize(z, mode)
