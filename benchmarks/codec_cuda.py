@@ -3,6 +3,8 @@
 1. Encode (with the residual update) and decode of one flat vector on the GPU, into
    preallocated buffers as the hooks run them: GB/s of input (4 bytes an element for fp32, 2
    for bf16), medians of CUDA-event timings, beside a device-to-device copy of the same data.
+   The encoder's full blocks run as one Triton kernel where triton is installed
+   (``TRITTER_COMM_TRITON=0``: the torch ops alone, for comparison).
 2. The network benchmark's "large" transformer (~43M parameters, one 128-token sequence a rank):
    forward and backward time on the GPU, and the codec work of one exchange of all its
    gradients (a world-of-one Exchange: two encodes and two decodes of every element, more than
@@ -31,7 +33,7 @@ if str(_ROOT) not in sys.path:
     sys.path.append(str(_ROOT))
 
 from benchmarks import _common, workloads  # noqa: E402
-from tritter_comm import _native  # noqa: E402
+from tritter_comm import _native, _triton_codec  # noqa: E402
 from tritter_comm.codec import DEFAULT_BLOCK_SIZE, MODES, decode_body_into, encode_body_into  # noqa: E402
 from tritter_comm.exchange import Exchange, Plan, Timers  # noqa: E402
 
@@ -139,10 +141,12 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.codec_cuda needs CUDA")
     sizes = [int(s[:-1]) << 20 if s.endswith("M") else int(s) for s in args.sizes.split(",")]
-    report = {"machine": _common.machine(gpu=torch.cuda.get_device_name()),
+    encoder = ("triton" if _triton_codec.available(torch.device("cuda"), DEFAULT_BLOCK_SIZE)
+               else "torch ops")  # TRITTER_COMM_TRITON=0: the torch ops alone
+    report = {"machine": _common.machine(gpu=torch.cuda.get_device_name(), encoder=encoder),
               "codec": codec_rows(sizes, args.repeats), "step": step_projection(args.repeats)}
-    print(f"## 1. torch codec on {report['machine']['gpu']}: encode (residual) + decode, "
-          f"GB/s of input, block {DEFAULT_BLOCK_SIZE}")
+    print(f"## 1. torch codec on {report['machine']['gpu']} (encoder: {encoder}): encode "
+          f"(residual) + decode, GB/s of input, block {DEFAULT_BLOCK_SIZE}")
     print(f"{'n':>6} {'dtype':>9} {'mode':>8} {'enc ms':>8} {'dec ms':>8} {'GB/s':>8} {'copy GB/s':>10}")
     for r in report["codec"]:
         print(f"{r['n'] >> 20:>5}M {r['dtype']:>9} {r['mode']:>8} {r['enc_ms']:8.3f} "
