@@ -39,7 +39,7 @@ def test_demo_quick(tmp_path):
     (["demo", "--steps", "many"], "invalid int value"),
     (["demo", "--start-iter", "1"], "start-iter must be >= 2"),
     (["bench"], "the following arguments are required: NAME"),
-    (["bench", "nosuch"], "has no benchmark 'nosuch' (this checkout has: codec, convergence"),
+    (["bench", "nosuch"], "has no benchmark 'nosuch' (this checkout has: codec, codec_cuda, convergence"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_argument_errors_give_usage(argv, match, capsys):
