@@ -33,9 +33,6 @@ except ImportError:  # pragma: no cover - depends on the install
 logger = logging.getLogger(__name__)
 
 MIN_BLOCK, MAX_BLOCK = 256, 4096
-_MUL1 = 0x7FEB352D
-_MUL2 = 0x846CA68B
-
 
 launches = 0  # kernel launches in this process (the tests check that the kernel ran)
 _broken: dict = {}  # (block, mode, dtypes) whose kernel failed to build: the torch codec runs
@@ -56,10 +53,10 @@ if triton is not None:
     @triton.jit
     def _mix32(x):
         x = x ^ (x >> 16)
-        x = x * tl.full(x.shape, 0x7FEB352D, tl.uint32)  # _MUL1 (a jit function reads no
-        # module globals)
+        # _torch_codec's _MUL1 and _MUL2, written out: a jit function reads no module globals
+        x = x * tl.full(x.shape, 0x7FEB352D, tl.uint32)
         x = x ^ (x >> 15)
-        x = x * tl.full(x.shape, 0x846CA68B, tl.uint32)  # _MUL2
+        x = x * tl.full(x.shape, 0x846CA68B, tl.uint32)
         return x ^ (x >> 16)
 
     @triton.jit
@@ -167,9 +164,8 @@ def encode_full_blocks(x: torch.Tensor, residual: Optional[torch.Tensor], *, nfu
             L=length, LOG2=block_log2, MODE=mode, HAS_RES=residual is not None,
             enable_fp_fusion=False,
         )
-    except Exception as err:  # a compiler that cannot build it: nothing was written yet
-        if not isinstance(err, (triton.CompilationError, RuntimeError, ValueError, TypeError)):
-            raise
+    except (triton.CompilationError, RuntimeError, ValueError, TypeError) as err:
+        # a compiler that cannot build it: nothing was written yet
         _broken[case] = repr(err)
         logger.warning("tritter-comm: the Triton encoder failed to build for block %d, mode %d,"
                        " %s (%s); using the torch codec", length, mode, case[2:], err)
