@@ -38,9 +38,26 @@ def _cpu_model() -> str:
     return cpu or platform.processor()
 
 
+def tritter_comm_source() -> dict[str, Any]:
+    """Where the imported ``tritter_comm`` comes from, and whether it is this checkout's. An
+    installed copy wins over the checkout (the benchmarks append it to ``sys.path``), so a stale
+    ``pip install .`` would be measured instead of the code in front of you: warn when it is."""
+    import sys
+
+    import tritter_comm
+
+    path = Path(tritter_comm.__file__).resolve().parent
+    this = path == _ROOT / "tritter_comm"
+    if not this:
+        print(f"warning: tritter_comm is imported from {path}, not from this checkout "
+              f"({_ROOT}); reinstall it (pip install -e .) to measure this tree", file=sys.stderr)
+    return {"tritter_comm_path": str(path), "tritter_comm_is_this_checkout": this}
+
+
 def machine(*modules: str, **extra: Any) -> dict[str, Any]:
     """Platform, CPU, cores usable, Python and the versions of torch, numpy, tritter_comm and
-    ``modules``, the git commit of the tree and the date; ``extra`` is added as it is."""
+    ``modules``, where tritter_comm comes from (warning when not from this checkout), the git
+    commit of the tree and the date; ``extra`` is added as it is."""
     return {
         "platform": platform.platform(),
         "machine": platform.machine(),
@@ -49,6 +66,7 @@ def machine(*modules: str, **extra: Any) -> dict[str, Any]:
         "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "python": platform.python_version(),
         **{m: _version(m) for m in ("torch", "numpy", "tritter_comm", *modules)},
+        **tritter_comm_source(),
         "git_commit": _git_commit(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **extra,
