@@ -2,7 +2,9 @@
 # The checks that need a GPU, in one run on the lent device machine (CI has no GPU): the CUDA
 # tests (codec, exchange and DDP hook, weight sync, predictor), the torch codec's GPU
 # throughput and step projection, and the Rust codec on that host's CPU. The native module is
-# the one built here (carried). Usage: bash benchmarks/device_cuda.sh OUTDIR
+# the one built here and carried along: take it from a maturin wheel (`maturin build --release`,
+# then unzip tritter_comm/_native.abi3.so), since a plain `cargo build --features python` links
+# this machine's libpython. Usage: bash benchmarks/device_cuda.sh OUTDIR
 set -u
 out=${1:-/tmp/device-out}
 mkdir -p "$out"
