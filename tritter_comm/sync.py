@@ -594,17 +594,39 @@ class TernaryWeightSync:
             dist.broadcast(t.data, src=self.src, group=self.group)
             self._stats["exact_bytes"] += t.numel() * t.element_size()
 
+    def _exact_mean(self, t: torch.Tensor, world: int) -> torch.Tensor:
+        """The mean of ``t`` over the ranks in float64, summed in rank order (identical
+        everywhere), in ``t``'s dtype."""
+        got = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(got, t.contiguous(), group=self.group)
+        acc = got[0].double()
+        for g in got[1:]:
+            acc += g.double()
+        return (acc / world).to(t.dtype)
+
+    def _pack_body(self, body: torch.Tensor, deltas, world: int) -> None:
+        """Pack ``deltas`` (flat float32, one per slot, in slot order; empty on a rank that
+        sends nothing) into ``body``, then agree with the other ranks that every one could: a
+        NaN or Inf anywhere raises ``ValueError`` on every rank, before any collective that
+        would hang."""
+        status = 0
+        try:
+            for s, d in zip(self._slots, deltas):
+                sc, cd = self._views(body, s)
+                _pack_into(d, s.group, sc, cd, self._adaptive)
+        except ValueError:
+            if world == 1:
+                raise
+            status = 1
+        if world > 1:
+            self._agree(status)
+
     def _sync_other_average(self, world: int) -> None:
         """Float buffers: the exact mean, summed in rank order (identical everywhere);
         others: ``src``'s value."""
         for _, t in self._other:
             if t.dtype.is_floating_point:
-                got = [torch.empty_like(t.data) for _ in range(world)]
-                dist.all_gather(got, t.data.contiguous(), group=self.group)
-                acc = got[0].double()
-                for g in got[1:]:
-                    acc += g.double()
-                t.data.copy_((acc / world).to(t.dtype))
+                t.data.copy_(self._exact_mean(t.data, world))
             else:
                 dist.broadcast(t.data, src=self.src, group=self.group)
             self._stats["exact_bytes"] += t.numel() * t.element_size()
@@ -625,20 +647,11 @@ class TernaryWeightSync:
                 self._last = [torch.zeros_like(s.param) for s in self._slots]
         body = self._new_body()
         sending = rank == self.src
-        status = 0
-        if sending:
-            try:
-                for i, s in enumerate(self._slots):
-                    ref = self._replica[i] if self.error_feedback else self._last[i]
-                    d = (s.param.float() - ref.float()).reshape(-1)
-                    sc, cd = self._views(body, s)
-                    _pack_into(d, s.group, sc, cd, self._adaptive)
-            except ValueError:
-                if world == 1:
-                    raise
-                status = 1
+        refs = self._replica if self.error_feedback else self._last
+        outgoing = ((s.param.float() - ref.float()).reshape(-1)
+                    for s, ref in zip(self._slots, refs)) if sending else ()
+        self._pack_body(body, outgoing, world)
         if world > 1:
-            self._agree(status)
             dist.broadcast(body, src=self.src, group=self.group)
         deltas = []
         for i, s in enumerate(self._slots):
@@ -682,22 +695,13 @@ class TernaryWeightSync:
         if self._anchor is None or world == 1:  # one rank: its weights are the average
             return self._average_exact(world)
         body = self._new_body()
-        status = 0
-        own = []
-        try:
-            for i, s in enumerate(self._slots):
-                d = (s.param.float() - self._anchor[i].float()).reshape(-1)
-                if self.error_feedback:
-                    d += self._residual[i]
-                sc, cd = self._views(body, s)
-                _pack_into(d, s.group, sc, cd, self._adaptive)
-                own.append(d)
-        except ValueError:
-            if world == 1:
-                raise
-            status = 1
+        own = [(s.param.float() - a.float()).reshape(-1)
+               for s, a in zip(self._slots, self._anchor)]
+        if self.error_feedback:
+            for d, e in zip(own, self._residual):
+                d += e
+        self._pack_body(body, own, world)
         if world > 1:
-            self._agree(status)
             bodies = [torch.empty_like(body) for _ in range(world)]
             dist.all_gather(bodies, body, group=self.group)
         else:
@@ -726,12 +730,7 @@ class TernaryWeightSync:
         if world > 1:
             self._agree(0)
             for s in self._slots:
-                got = [torch.empty_like(s.param.data) for _ in range(world)]
-                dist.all_gather(got, s.param.data.contiguous(), group=self.group)
-                acc = got[0].double()
-                for g in got[1:]:
-                    acc += g.double()
-                s.param.copy_((acc / world).to(s.param.dtype))
+                s.param.copy_(self._exact_mean(s.param.data, world))
                 self._stats["exact_bytes"] += s.n * s.param.element_size()
             self._sync_other_average(world)
         self._anchor = [s.param.detach().clone() for s in self._slots]
