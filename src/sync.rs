@@ -341,47 +341,41 @@ fn pack_group<T: Weight>(
     })
 }
 
-/// `pack_group` compiled for the instruction set `crate::simd::level()` allows. Every
-/// operation in it is exact or correctly rounded (no FMA contraction), so each level gives
-/// the same bits.
-fn pack_group_best<T: Weight>(
-    x: &[T],
-    rule: Rule,
-    buf: &mut [f32],
-    scratch: &mut [u8],
-    out: &mut [u8],
-) -> Result<f32, SyncError> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use crate::simd::Level;
-        #[target_feature(enable = "avx2,fma,bmi2")]
-        fn avx2<T: Weight>(
-            x: &[T],
-            r: Rule,
-            b: &mut [f32],
-            s: &mut [u8],
-            o: &mut [u8],
-        ) -> Result<f32, SyncError> {
-            pack_group(x, r, b, s, o)
+/// `$name`: `$inner` compiled for the instruction set `crate::simd::level()` allows (AVX-512,
+/// AVX2 or the portable build), with the same arguments. Every operation in the inner functions
+/// is exact or correctly rounded (no FMA contraction), so each level gives the same bits.
+macro_rules! at_best_level {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $inner:ident) => {
+        $(#[$doc])*
+        fn $name<T: Weight>($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                use crate::simd::Level;
+                #[target_feature(enable = "avx2,fma,bmi2")]
+                fn avx2<T: Weight>($($arg: $ty),*) -> $ret {
+                    $inner($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma,bmi2,avx512f,avx512bw,avx512vl")]
+                fn avx512<T: Weight>($($arg: $ty),*) -> $ret {
+                    $inner($($arg),*)
+                }
+                match crate::simd::level() {
+                    // SAFETY: simd::level() only reports features the CPU has.
+                    Level::Avx512 => return unsafe { avx512($($arg),*) },
+                    Level::Avx2 => return unsafe { avx2($($arg),*) },
+                    Level::Scalar => {}
+                }
+            }
+            $inner($($arg),*)
         }
-        #[target_feature(enable = "avx2,fma,bmi2,avx512f,avx512bw,avx512vl")]
-        fn avx512<T: Weight>(
-            x: &[T],
-            r: Rule,
-            b: &mut [f32],
-            s: &mut [u8],
-            o: &mut [u8],
-        ) -> Result<f32, SyncError> {
-            pack_group(x, r, b, s, o)
-        }
-        match crate::simd::level() {
-            // SAFETY: simd::level() only reports features the CPU has.
-            Level::Avx512 => return unsafe { avx512(x, rule, buf, scratch, out) },
-            Level::Avx2 => return unsafe { avx2(x, rule, buf, scratch, out) },
-            Level::Scalar => {}
-        }
-    }
-    pack_group(x, rule, buf, scratch, out)
+    };
+}
+
+at_best_level! {
+    /// `pack_group` for the best instruction set.
+    fn pack_group_best(
+        x: &[T], rule: Rule, buf: &mut [f32], scratch: &mut [u8], out: &mut [u8]
+    ) -> Result<f32, SyncError> = pack_group
 }
 
 /// Largest valid last byte of a group of `len` codes, whose padding codes are 0.
@@ -432,45 +426,11 @@ fn unpack_group<T: Weight>(
     Ok(())
 }
 
-/// `unpack_group` for the best instruction set (as `pack_group_best`).
-fn unpack_group_best<T: Weight>(
-    g: usize,
-    scale: f32,
-    packed: &[u8],
-    out: &mut [T],
-    buf: &mut [f32],
-) -> Result<(), SyncError> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use crate::simd::Level;
-        #[target_feature(enable = "avx2,fma,bmi2")]
-        fn avx2<T: Weight>(
-            g: usize,
-            s: f32,
-            p: &[u8],
-            o: &mut [T],
-            b: &mut [f32],
-        ) -> Result<(), SyncError> {
-            unpack_group(g, s, p, o, b)
-        }
-        #[target_feature(enable = "avx2,fma,bmi2,avx512f,avx512bw,avx512vl")]
-        fn avx512<T: Weight>(
-            g: usize,
-            s: f32,
-            p: &[u8],
-            o: &mut [T],
-            b: &mut [f32],
-        ) -> Result<(), SyncError> {
-            unpack_group(g, s, p, o, b)
-        }
-        match crate::simd::level() {
-            // SAFETY: simd::level() only reports features the CPU has.
-            Level::Avx512 => return unsafe { avx512(g, scale, packed, out, buf) },
-            Level::Avx2 => return unsafe { avx2(g, scale, packed, out, buf) },
-            Level::Scalar => {}
-        }
-    }
-    unpack_group(g, scale, packed, out, buf)
+at_best_level! {
+    /// `unpack_group` for the best instruction set.
+    fn unpack_group_best(
+        g: usize, scale: f32, packed: &[u8], out: &mut [T], buf: &mut [f32]
+    ) -> Result<(), SyncError> = unpack_group
 }
 
 /// Quantize and pack `x` in groups of `group`: one scale per group into `scales`, packed codes
