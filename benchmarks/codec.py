@@ -83,25 +83,29 @@ class _Threads:
         tc.set_num_threads(0)
 
 
+def _time_once(enc: Callable[[], Any], dec: Callable[[], Any]) -> tuple[float, float]:
+    """Seconds of one ``enc`` and the ``dec`` right after it."""
+    t0 = time.perf_counter()
+    enc()
+    t1 = time.perf_counter()
+    dec()
+    return t1 - t0, time.perf_counter() - t1
+
+
+def _medians(te: list[float], td: list[float]) -> dict[str, float]:
+    return {
+        "enc_s": statistics.median(te),
+        "dec_s": statistics.median(td),
+        "enc_dec_s": statistics.median([a + b for a, b in zip(te, td)]),
+    }
+
+
 def _time_pair(enc: Callable[[], Any], dec: Callable[[], Any], repeats: int) -> dict[str, float]:
     """Median seconds of ``enc``, ``dec`` and of both, over ``repeats`` runs after a warm-up."""
     enc()
     dec()
-    te, td, tb = [], [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        enc()
-        t1 = time.perf_counter()
-        dec()
-        t2 = time.perf_counter()
-        te.append(t1 - t0)
-        td.append(t2 - t1)
-        tb.append(t2 - t0)
-    return {
-        "enc_s": statistics.median(te),
-        "dec_s": statistics.median(td),
-        "enc_dec_s": statistics.median(tb),
-    }
+    te, td = zip(*(_time_once(enc, dec) for _ in range(repeats)))
+    return _medians(list(te), list(td))
 
 
 def _rates(n: int, t: dict[str, float]) -> dict[str, float]:
@@ -177,20 +181,12 @@ def bench_rust(
     for _ in range(repeats):
         for threads, enc, dec, _, te, td in runs:
             with _Threads(threads):
-                t0 = time.perf_counter()
-                enc()
-                t1 = time.perf_counter()
-                dec()
-                t2 = time.perf_counter()
-            te.append(t1 - t0)
-            td.append(t2 - t1)
+                a, b = _time_once(enc, dec)
+            te.append(a)
+            td.append(b)
     out = []
     for _, _, _, nbytes, te, td in runs:
-        t = {
-            "enc_s": statistics.median(te),
-            "dec_s": statistics.median(td),
-            "enc_dec_s": statistics.median([a + b for a, b in zip(te, td)]),
-        }
+        t = _medians(te, td)
         out.append({**t, **_rates(n, t), "bits_per_element": 8 * (nbytes + 32) / n})
     return out
 

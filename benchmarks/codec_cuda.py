@@ -33,6 +33,7 @@ if str(_ROOT) not in sys.path:
     sys.path.append(str(_ROOT))
 
 from benchmarks import _common, workloads  # noqa: E402
+from benchmarks.codec import _parse_size  # noqa: E402
 from tritter_comm import _native, _triton_codec  # noqa: E402
 from tritter_comm.codec import DEFAULT_BLOCK_SIZE, MODES, decode_body_into, encode_body_into  # noqa: E402
 from tritter_comm.exchange import Exchange, Plan, Timers  # noqa: E402
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.codec_cuda needs CUDA")
-    sizes = [int(s[:-1]) << 20 if s.endswith("M") else int(s) for s in args.sizes.split(",")]
+    sizes = [_parse_size(s) for s in args.sizes.split(",")]
     encoder = ("triton" if _triton_codec.available(torch.device("cuda"), DEFAULT_BLOCK_SIZE)
                else "torch ops")  # TRITTER_COMM_TRITON=0: the torch ops alone
     report = {"machine": _common.machine(gpu=torch.cuda.get_device_name(), encoder=encoder),
