@@ -16,6 +16,7 @@ from .codec import (
     set_num_threads,
 )
 
+from ._teardown import shutdown
 from .hooks import VSAState, vsa_fsdp_hook, vsa_hook
 
 __version__ = _native.__version__
@@ -50,6 +51,7 @@ __all__ = [
     "optim",
     "get_num_threads",
     "set_num_threads",
+    "shutdown",
     "sync",
     "vsa_fsdp_hook",
     "vsa_hook",

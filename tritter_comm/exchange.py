@@ -24,6 +24,7 @@ the owner's average is then NaN, it sends NaN scales on, and every rank decodes 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import time
 from typing import Callable, Optional
 
@@ -181,9 +182,14 @@ class Exchange:
         self.step = 0 if fixed_keys else step
         self.key = key
         self.timers = timers
+        # Collectives in flight and the buffers they read and write. Every buffer handed to a
+        # collective is held here until the collective has been waited for, so that the last
+        # reference to it is dropped on the caller's thread (and stream), never on a backend's.
         self._a2a = None
         self._ag = None
+        self._send = None
         self._recv = None
+        self._mine = None
         self._gathered = None
 
     def _stream(self, chunk: int, phase: int) -> int:
@@ -200,7 +206,7 @@ class Exchange:
                         stream=self._stream(c, 0), plan=p,
                         residual=None if residual is None else residual[lo:hi],
                         timers=self.timers)
-        self._recv = torch.empty_like(send)
+        self._send, self._recv = send, torch.empty_like(send)
         self._a2a = torch.distributed.all_to_all_single(self._recv, send, group=self.group,
                                                         async_op=True)
 
@@ -208,7 +214,7 @@ class Exchange:
         """Wait for the all_to_all, average the owned chunk, launch the all_gather."""
         p = self.plan
         self._a2a.wait()
-        self._a2a = None
+        self._a2a = self._send = None
         lo, hi = p.bounds(self.rank)
         mine = torch.zeros(p.slot2, dtype=torch.uint8, device=self._recv.device)
         if hi > lo:
@@ -217,6 +223,7 @@ class Exchange:
             _encode(acc, mine, seed=self.seed, stream=self._stream(self.rank, 1), plan=p,
                     residual=server_residual, timers=self.timers, phase=1)
         self._recv = None
+        self._mine = mine
         self._gathered = torch.empty(p.world * p.slot2, dtype=torch.uint8, device=mine.device)
         self._ag = torch.distributed.all_gather_into_tensor(self._gathered, mine,
                                                             group=self.group, async_op=True)
@@ -240,7 +247,7 @@ class Exchange:
         float32 of the chunk's length. Launches no collective; the exchange ends here."""
         p = self.plan
         self._a2a.wait()
-        self._a2a = None
+        self._a2a = self._send = None
         lo, hi = p.bounds(self.rank)
         if out.numel() != hi - lo or out.dtype != torch.float32:
             raise ValueError(f"out must be float32 of {hi - lo} elements, got {out.dtype} "
@@ -252,13 +259,17 @@ class Exchange:
         self._recv = None
         return out
 
-    def gather_future(self) -> torch.futures.Future:
-        return self._ag.get_future()
+    @property
+    def reducing(self) -> bool:
+        """Whether phase 1's ``all_to_all`` is in flight (``reduce`` comes next)."""
+        return self._a2a is not None
 
     def finish(self, out: torch.Tensor) -> torch.Tensor:
-        """Decode every chunk into ``out`` (flat float32, ``numel`` elements). No collectives;
-        safe to call from a future callback once the all_gather completed."""
+        """Wait for the all_gather and decode every chunk into ``out`` (flat float32,
+        ``numel`` elements). Launches no collective."""
         p = self.plan
+        self._ag.wait()
+        self._ag = self._mine = None
         for c in range(p.world):
             lo, hi = p.bounds(c)
             if hi > lo:
@@ -266,8 +277,19 @@ class Exchange:
                         seed=self.seed, stream=self._stream(c, 1), plan=p, timers=self.timers,
                         phase=1)
         self._gathered = None
-        self._ag = None
         return out
+
+    def release(self, timeout: float) -> None:
+        """Give up the exchange: wait at most ``timeout`` seconds for the collective in
+        flight, so that no backend thread still holds its buffers, then drop them. Raises
+        what the wait raises (a peer gone, the timeout); the buffers are dropped all the same.
+        """
+        work, self._a2a, self._ag = self._a2a or self._ag, None, None
+        try:
+            if work is not None:
+                work.wait(datetime.timedelta(seconds=timeout))
+        finally:
+            self._send = self._recv = self._mine = self._gathered = None
 
 
 Callback = Callable[[torch.Tensor], torch.Tensor]

@@ -104,6 +104,8 @@ class VSAReduceScatter(_API[1] if _API is not None else object):  # type: ignore
                  group: dist.ProcessGroup, op: Any, async_op: bool = False):
         st = self.state
         world = dist.get_world_size(group)
+        if world > 1:
+            st._check_config(input_tensor.device, group)  # before branching on it
         enter(st, self.key)
         st._bytes_uncompressed += (world - 1) * input_tensor.numel() * 4 // world
         if plain(st, input_tensor):

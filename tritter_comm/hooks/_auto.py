@@ -171,23 +171,20 @@ def exchange(state: Any, bucket: dist.GradBucket, world: int) -> Optional[torch.
         return _probe(state, bucket, world, COMPRESSED if ph[1] else PLAIN)
     if compressed:
         return None
-    fut = ddp._allreduce(state, bucket.buffer(), world)
-    ddp._reduce_pending(state, keep_last=False)  # phase 2 of earlier buckets, in order
-    return fut
+    return ddp._launch(state, ddp._plain(state, bucket, world))
 
 
 def _probe(state: Any, bucket: dist.GradBucket, world: int, variant: str):
     from . import ddp
 
-    ddp._reduce_pending(state, keep_last=False)  # nothing may overlap what is being timed
+    ddp._advance(state, drain=True)  # nothing may overlap what is being timed
     dist.all_reduce(torch.zeros(1, device=bucket.buffer().device), group=state.process_group)
     t0 = time.perf_counter()
     if variant == PLAIN:
-        fut = ddp._allreduce(state, bucket.buffer(), world)
+        fut = ddp._launch(state, ddp._plain(state, bucket, world))
     else:
-        fut = ddp._start_compressed(state, bucket, world)
-        ddp._reduce_pending(state, keep_last=False)
-    fut.wait()
+        fut = ddp._launch(state, ddp._compressed(state, bucket, world))
+    ddp._advance(state, drain=True)
     idx = bucket.index()
     dt = _measured(state, idx, variant, time.perf_counter() - t0)
     state._auto._times.setdefault(idx, ([], []))[variant == COMPRESSED].append(float(dt))

@@ -12,9 +12,10 @@ drains what is left. Decoding the gathered bytes happens in the ``all_gather``'s
 
 # No `from __future__ import annotations`: DDP checks the hook's annotations at run time.
 
+import datetime
 import logging
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,7 @@ from .. import _native
 from ..codec import DEFAULT_BLOCK_SIZE, MODES, _block_log2, _mode_id, _u64
 from ..exchange import MAX_BUCKETS, MAX_WORLD, Exchange, Plan, Timers
 from . import _auto
+from .. import _teardown
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +133,7 @@ class VSAState:
         "residuals",
         "server_residuals",
         "_pending",
+        "_calls",
         "_timers",
         "_bytes_sent",
         "_bytes_uncompressed",
@@ -194,11 +197,14 @@ class VSAState:
         self.residual_dtype = residual_dtype
         self.auto = _flag("auto", auto)
         self._auto = _auto.AutoChoice() if self.auto else None
-        self._config_checked = False
+        # the groups whose ranks were found to agree on the configuration (by id)
+        self._config_checked: set[Optional[int]] = set()
         self.iter = 0
         self.residuals: dict[int, torch.Tensor] = {}
         self.server_residuals: dict[int, torch.Tensor] = {}
-        self._pending: list[tuple[Exchange, Any]] = []
+        # buckets whose exchange is in flight, oldest first, and hook calls in this iteration
+        self._pending: list = []
+        self._calls = 0
         self._timers = Timers()
         self._bytes_sent = 0
         self._bytes_uncompressed = 0
@@ -213,6 +219,7 @@ class VSAState:
         self._param_ids: dict[int, int] = {}
         # The FSDP hooks' per-backward bookkeeping (tritter_comm/hooks/fsdp.py): None until used.
         self._fsdp = None
+        _teardown.track(self)
 
     # -- configuration -----------------------------------------------------------------------
 
@@ -242,12 +249,16 @@ class VSAState:
         # fail with the message below (package_version differs), not in the collective.
         return row + [0] * (_CONFIG_ROW_LEN - len(row))
 
-    def _check_config(self, device: torch.device) -> None:
-        """All ranks compare their configuration; a difference fails on every rank."""
-        world = dist.get_world_size(self.process_group)
+    def _check_config(self, device: torch.device, group: Any = None) -> None:
+        """All ranks of ``group`` compare their configuration, once per group, before the
+        first exchange branches on it; a difference raises ``ValueError`` on every rank."""
+        gid = None if group is None else id(group)
+        if gid in self._config_checked:
+            return
+        world = dist.get_world_size(group)
         mine = torch.tensor(self._config_row(), dtype=torch.int64, device=device)
         rows = torch.empty(world * mine.numel(), dtype=torch.int64, device=device)
-        dist.all_gather_into_tensor(rows, mine, group=self.process_group)
+        dist.all_gather_into_tensor(rows, mine, group=group)
         rows = rows.view(world, -1).cpu().tolist()
         diffs = [
             f"{name}: " + ", ".join(f"rank {r}={row[i]}" for r, row in enumerate(rows))
@@ -255,12 +266,32 @@ class VSAState:
             if len({row[i] for row in rows}) > 1
         ]
         if diffs:
-            raise RuntimeError(
+            raise ValueError(
                 "tritter-comm: ranks were configured differently; every rank must create "
                 "VSAState with the same settings and the same tritter-comm version. Differences: "
                 + "; ".join(diffs)
             )
-        self._config_checked = True
+        self._config_checked.add(gid)
+
+    # -- teardown ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Let go of every exchange in flight: wait a bounded time for its collectives, fail
+        its future, drop its buffers. Idempotent; the state stays usable (a later step starts
+        afresh). ``tritter_comm.shutdown()`` calls it for every state in the process."""
+        self._release(None)
+
+    def _release(self, error: Optional[BaseException]) -> None:
+        pending, self._pending = self._pending, []
+        for entry in pending:
+            for op in entry.ops:
+                op.release(RELEASE_TIMEOUT)
+            if not entry.fut.done():
+                entry.fut.set_exception(
+                    error if isinstance(error, Exception)
+                    else RuntimeError("tritter-comm: the hook state was closed with this "
+                                      "bucket's exchange in flight"))
+        self._calls = 0
 
     # -- statistics and checkpoints ----------------------------------------------------------
 
@@ -341,7 +372,7 @@ class VSAState:
         # DDP starts a new process with its initial buckets and rebuilds them after the first
         # iteration; until then, buckets are split along the saved layout (see _segments).
         self._saved_layout = dict(self._layout)
-        self._pending = []
+        self._release(None)
         if self.auto:
             self._auto.load_state_dict(state.get("auto"))
         self._fsdp = None
@@ -391,11 +422,81 @@ def _done(value: torch.Tensor) -> torch.futures.Future:
     return fut
 
 
-def _allreduce(state: VSAState, t: torch.Tensor, world: int) -> torch.futures.Future:
+# -- exchanges in flight -----------------------------------------------------------------------
+#
+# No Python of ours runs on a backend's thread (DESIGN.md, "Threads, streams and teardown"):
+# gloo and NCCL complete their futures on their own worker threads, and a callback there that
+# holds Python objects can outlive the interpreter, which aborts the process at exit. So every
+# bucket's DDP future is completed by the hook's own calls. Hook(i) launches bucket i's first
+# collective; runs phase 2 (wait for the all_to_all, re-encode, launch the all_gather) of the
+# buckets launched in earlier calls; and completes (wait, decode, set the result) the buckets
+# whose last collective was launched in an earlier call. The last bucket's hook drains the
+# rest. Every collective is launched from a hook call, in the same order on every rank, and
+# has at least one hook call's worth of backward pass to run behind.
+
+#: Seconds ``close()`` (and a failing step) waits for a collective in flight before it lets go.
+RELEASE_TIMEOUT = 10.0
+
+
+class _Op:
+    """One collective exchange of a flat vector ``x``, reduced in place: compressed (``ex``)
+    or a plain all-reduce (``work``, then divided by ``world``)."""
+
+    __slots__ = ("x", "ex", "work", "world", "launched")
+
+    def __init__(self, x: torch.Tensor, launched: int, *, ex: Optional[Exchange] = None,
+                 work: Any = None, world: int = 1):
+        self.x = x
+        self.ex = ex
+        self.work = work
+        self.world = world
+        self.launched = launched  # the hook call that launched its latest collective
+
+    def finish(self) -> None:
+        """Wait for the last collective and write the average into ``x``."""
+        if self.ex is None:
+            work, self.work = self.work, None
+            work.wait()
+            self.x.div_(self.world)
+        else:
+            ex, self.ex = self.ex, None
+            ex.finish(self.x)
+
+    def release(self, timeout: float) -> None:
+        """Wait at most ``timeout`` seconds for the collective in flight, then let it go."""
+        ex, work, self.ex, self.work = self.ex, self.work, None, None
+        try:
+            if ex is not None:
+                ex.release(timeout)
+            elif work is not None:
+                work.wait(datetime.timedelta(seconds=timeout))
+        except Exception as e:  # the job is failing already; the first error is what counts
+            logger.debug("tritter-comm: letting go of a collective in flight: %s", e)
+
+
+class _Entry:
+    """A bucket's DDP future, the exchanges that produce its result, and what writes the
+    bucket once they are done (``done() -> bucket tensor``)."""
+
+    __slots__ = ("fut", "ops", "done")
+
+    def __init__(self, fut: torch.futures.Future, ops: list, done: Callable[[], torch.Tensor]):
+        self.fut = fut
+        self.ops = ops
+        self.done = done
+
+
+def _allreduce_op(state: VSAState, t: torch.Tensor, world: int) -> _Op:
+    """Launch the plain all-reduce of ``t`` (averaged once it is finished)."""
     state._bytes_sent += 2 * (world - 1) * t.numel() * t.element_size() // world
     state._buckets_plain += 1
-    fut = dist.all_reduce(t, group=state.process_group, async_op=True).get_future()
-    return fut.then(lambda f: f.value()[0].div_(world))
+    work = dist.all_reduce(t, group=state.process_group, async_op=True)
+    return _Op(t, state._calls, work=work, world=world)
+
+
+def _plain(state: VSAState, bucket: dist.GradBucket, world: int) -> _Entry:
+    t = bucket.buffer()
+    return _Entry(_future(t.device), [_allreduce_op(state, t, world)], lambda: t)
 
 
 def _param_ids(state: VSAState, bucket: dist.GradBucket) -> tuple[int, ...]:
@@ -433,7 +534,8 @@ def _segments(state: VSAState, bucket: dist.GradBucket):
     return [(idx, None)]
 
 
-def _start_exchange(state: VSAState, x: torch.Tensor, key: int, world: int):
+def _exchange_op(state: VSAState, x: torch.Tensor, key: int, world: int) -> _Op:
+    """Encode ``x`` (flat float32) and launch phase 1 of its compressed exchange."""
     if key >= MAX_BUCKETS or world > MAX_WORLD:
         raise ValueError(f"tritter-comm supports {MAX_BUCKETS} buckets and {MAX_WORLD} ranks")
     rank = dist.get_rank(state.process_group)
@@ -446,84 +548,103 @@ def _start_exchange(state: VSAState, x: torch.Tensor, key: int, world: int):
     ex.start(x, res)
     state._bytes_sent += plan.wire_bytes
     state._buckets_compressed += 1
-    fut = _future(x.device)
-    state._pending.append((ex, fut, x, key))
-    return fut
+    return _Op(x, state._calls, ex=ex)
 
 
-def _start_compressed(state: VSAState, bucket: dist.GradBucket, world: int):
+def _compressed(state: VSAState, bucket: dist.GradBucket, world: int) -> _Entry:
     t = bucket.buffer()
     segs = _segments(state, bucket)
     x = t if t.dtype == torch.float32 else t.float()
+
+    def write() -> torch.Tensor:
+        return t if x is t else t.copy_(x)
+
     if segs[0][1] is None:
-        fut = _start_exchange(state, x, segs[0][0], world)
-        return fut if x is t else fut.then(lambda _: t.copy_(x))
+        return _Entry(_future(t.device), [_exchange_op(state, x, segs[0][0], world)], write)
     # resuming: exchange each saved bucket gathered from this one, then scatter back
     parts = [(i.to(x.device), x[i.to(x.device)]) for _, i in segs]
-    futs = [
-        _allreduce(state, xs, world) if xs.numel() < state.min_compress_numel
-        else _start_exchange(state, xs, key, world)
+    ops = [
+        _allreduce_op(state, xs, world) if xs.numel() < state.min_compress_numel
+        else _exchange_op(state, xs, key, world)
         for (key, _), (_, xs) in zip(segs, parts)
     ]
 
-    def scatter(_):
+    def scatter() -> torch.Tensor:
         for i, xs in parts:
             x[i] = xs
-        return t.copy_(x) if x is not t else t
+        return write()
 
-    return torch.futures.collect_all(futs).then(scatter)
+    return _Entry(_future(t.device), ops, scatter)
 
 
-def _reduce_pending(state: VSAState, keep_last: bool) -> None:
-    """Run phase 2 of the pending exchanges in order (all but the newest if ``keep_last``)."""
-    while len(state._pending) > (1 if keep_last else 0):
-        ex, fut, x, key = state._pending.pop(0)
-        lo, hi = ex.plan.bounds(ex.rank)
-        sres = (state._residual(state.server_residuals, key, hi - lo, x.device)
-                if state.server_error_feedback and hi > lo else None)
-        ex.reduce(sres)
+def _launch(state: VSAState, entry: _Entry) -> torch.futures.Future:
+    state._pending.append(entry)
+    return entry.fut
 
-        def finish(f, ex=ex, fut=fut, x=x):
-            try:
-                f.wait()
-                fut.set_result(ex.finish(x))
-            except Exception as e:  # surface it to DDP's wait instead of hanging
-                fut.set_exception(e)
 
-        ex.gather_future().then(finish)
+def _advance(state: VSAState, *, drain: bool) -> None:
+    """Phase 2 of the exchanges whose all_to_all was launched in an earlier hook call, then
+    complete the buckets whose every collective was launched in an earlier call, in order;
+    everything if ``drain``. On an error every bucket in flight fails and is let go."""
+    now = state._calls
+    try:
+        for entry in state._pending:
+            for op in entry.ops:
+                if op.ex is not None and op.ex.reducing and (drain or op.launched < now):
+                    lo, hi = op.ex.plan.bounds(op.ex.rank)
+                    sres = (state._residual(state.server_residuals, op.ex.key, hi - lo,
+                                            op.x.device)
+                            if state.server_error_feedback and hi > lo else None)
+                    op.ex.reduce(sres)
+                    op.launched = now
+        while state._pending and (drain or all(op.launched < now
+                                               for op in state._pending[0].ops)):
+            entry = state._pending[0]
+            for op in entry.ops:
+                op.finish()
+            state._pending.pop(0)
+            entry.fut.set_result(entry.done())
+    except BaseException as e:
+        state._release(e)
+        raise
 
 
 def vsa_hook(state: VSAState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP comm hook: compressed two-phase all-reduce of ``bucket``, averaged like DDP's."""
     t = bucket.buffer()
     world = _world(state)
-    state._bytes_uncompressed += 2 * (world - 1) * t.numel() * 4 // world
     last = bucket.is_last()
-    if not state._layout or state._saved_layout is not None:
-        _param_ids(state, bucket)  # number the parameters in the first iteration
+    state._calls += 1
     try:
+        if world > 1 and not state._config_checked:
+            # before anything branches on the configuration: a rank that would all-reduce
+            # while another exchanges compressed would hang both
+            state._check_config(t.device, state.process_group)
+        state._bytes_uncompressed += 2 * (world - 1) * t.numel() * 4 // world
+        if not state._layout or state._saved_layout is not None:
+            _param_ids(state, bucket)  # number the parameters in the first iteration
         if world == 1:
             fut = _done(t)
         elif (state.iter < state.start_iter or not t.is_floating_point()
               or t.numel() < state.min_compress_numel):
-            fut = _allreduce(state, t, world)
+            fut = _launch(state, _plain(state, bucket, world))
         else:
-            if not state._config_checked:
-                state._check_config(t.device)
             t0 = time.perf_counter()
             fut = _auto.exchange(state, bucket, world) if state.auto else None
             if fut is None:  # compressed (auto: a probe step or a plain bucket returns its own)
-                fut = _start_compressed(state, bucket, world)
-                _reduce_pending(state, keep_last=not last)
+                fut = _launch(state, _compressed(state, bucket, world))
             logger.debug("bucket %d: hook %.1f ms", bucket.index(),
                          1e3 * (time.perf_counter() - t0))
-        if last:
-            _reduce_pending(state, keep_last=False)
-            if state.auto and world > 1:
-                _auto.end_step(state, bucket.index() + 1, t.device)  # collective: hook call only
+        _advance(state, drain=last)
+        if last and state.auto and world > 1:
+            _auto.end_step(state, bucket.index() + 1, t.device)  # collective: hook call only
+    except BaseException as e:
+        state._release(e)
+        raise
     finally:
         if last:
             state.iter += 1
             state._steps += 1
+            state._calls = 0
             state._saved_layout = None  # DDP has rebuilt its buckets by the next iteration
     return fut

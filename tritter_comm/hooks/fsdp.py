@@ -34,6 +34,7 @@ an fp32 ring all-reduce for NO_SHARD).
 
 # No `from __future__ import annotations`: keep the hook's annotations real objects, as DDP's.
 
+import contextlib
 import functools
 import logging
 import sys
@@ -44,7 +45,7 @@ import torch.distributed as dist
 
 from ..codec import MODES, _block_log2
 from ..exchange import MAX_BUCKETS, MAX_WORLD, Exchange, Plan
-from .ddp import VSAState
+from .ddp import RELEASE_TIMEOUT, VSAState
 
 logger = logging.getLogger(__name__)
 
@@ -117,11 +118,23 @@ def plain(state: VSAState, t: torch.Tensor) -> bool:
 # -- the exchanges ---------------------------------------------------------------------------
 
 
-def _check(state: VSAState, key: int, world: int, device) -> None:
+def _check(key: int, world: int) -> None:
     if key >= MAX_BUCKETS or world > MAX_WORLD:
         raise ValueError(f"tritter-comm supports {MAX_BUCKETS} units and {MAX_WORLD} ranks")
-    if not state._config_checked:
-        state._check_config(device)
+
+
+@contextlib.contextmanager
+def _releasing(ex: Exchange):
+    """Run an exchange to completion; on an error, let go of its collectives in flight (a
+    bounded wait, so that no backend thread is left holding its buffers) and re-raise."""
+    try:
+        yield ex
+    except BaseException:
+        try:
+            ex.release(RELEASE_TIMEOUT)
+        except Exception as e:
+            logger.debug("tritter-comm: letting go of a collective in flight: %s", e)
+        raise
 
 
 def _exchange(state: VSAState, plan: Plan, group, key: int) -> Exchange:
@@ -140,7 +153,7 @@ def reduce_scatter(state: VSAState, inp: torch.Tensor, out: torch.Tensor, *, key
     run to completion before it returns.
     """
     world = dist.get_world_size(group)
-    _check(state, key, world, inp.device)
+    _check(key, world)
     plan = Plan.even(inp.numel(), world, _block_log2(state.block_size), MODES[state.mode])
     if out.numel() != plan.chunk:
         raise ValueError(f"reduce-scatter output has {out.numel()} elements, the input's "
@@ -150,11 +163,12 @@ def reduce_scatter(state: VSAState, inp: torch.Tensor, out: torch.Tensor, *, key
     x = x if x.dtype == torch.float32 else x.float()
     res = (state._residual(state.residuals, key, plan.numel, x.device)
            if state.error_feedback else None)
-    ex.start(x, res)
     direct = out.dtype == torch.float32 and out.is_contiguous()
     acc = out.view(-1) if direct else torch.empty(plan.chunk, dtype=torch.float32,
                                                   device=out.device)
-    ex.reduce_scatter(acc, average=False)
+    with _releasing(ex):
+        ex.start(x, res)
+        ex.reduce_scatter(acc, average=False)
     if divide_by is not None and divide_by != 1:
         acc /= divide_by
     if multiply_by is not None and multiply_by != 1:
@@ -168,20 +182,20 @@ def reduce_scatter(state: VSAState, inp: torch.Tensor, out: torch.Tensor, *, key
 def _all_reduce(state: VSAState, grad: torch.Tensor, key: int, world: int) -> None:
     """The two-phase compressed all-reduce of ``grad`` in place, averaged (NO_SHARD)."""
     group = state.process_group
-    _check(state, key, world, grad.device)
+    _check(key, world)
     plan = Plan.make(grad.numel(), world, _block_log2(state.block_size), MODES[state.mode],
                      MODES[state.phase2_mode])
     ex = _exchange(state, plan, group, key)
     x = grad if grad.dtype == torch.float32 else grad.float()
     res = (state._residual(state.residuals, key, plan.numel, x.device)
            if state.error_feedback else None)
-    ex.start(x, res)
     lo, hi = plan.bounds(ex.rank)
     sres = (state._residual(state.server_residuals, key, hi - lo, x.device)
             if state.server_error_feedback and hi > lo else None)
-    ex.reduce(sres)
-    ex.gather_future().wait()
-    ex.finish(x)
+    with _releasing(ex):
+        ex.start(x, res)
+        ex.reduce(sres)
+        ex.finish(x)
     if x is not grad:
         grad.copy_(x)
     state._bytes_sent += plan.wire_bytes
@@ -243,6 +257,8 @@ def vsa_fsdp_hook(state: VSAState, grad: torch.Tensor,
     own reduction. ``state.process_group`` must be FSDP's process group (default: both the
     default group)."""
     world = dist.get_world_size(state.process_group)
+    if world > 1:
+        state._check_config(grad.device, state.process_group)  # before branching on it
     key = enter(state, _fsdp1_unit(sys._getframe(1)))
     fp32 = grad.numel() * 4
     if output is None:
