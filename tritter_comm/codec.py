@@ -246,19 +246,22 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 def _byte_span(t: torch.Tensor):
-    """``(device, first, end)``: the bytes ``t`` can touch (any strides, offsets, dtype), or
-    ``None`` for an empty tensor."""
+    """``(first, end)``: the addresses of the bytes ``t`` can touch (any strides, offsets,
+    dtype), or ``None`` for an empty tensor."""
     if t.numel() == 0:
         return None
+    first = t.data_ptr()  # includes the storage offset
+    if t.is_contiguous():  # the codec's case, on the hooks' hot path
+        return first, first + t.nbytes
     size = t.element_size()
-    first = end = t.data_ptr()  # data_ptr() includes the storage offset
+    end = first
     for n, stride in zip(t.shape, t.stride()):
         reach = (n - 1) * stride * size
         if reach < 0:
             first += reach
         else:
             end += reach
-    return t.device, first, end + size
+    return first, end + size
 
 
 def _check_disjoint(*named) -> None:
@@ -271,17 +274,18 @@ def _check_disjoint(*named) -> None:
     bytes. Strided views are taken by their whole span, so interleaved ones count as overlapping
     (the codec takes contiguous tensors only).
     """
-    spans = [(name, _byte_span(t)) for name, t in named if t is not None]
-    for i, (a, sa) in enumerate(spans):
-        for b, sb in spans[i + 1 :]:
-            if sa is None or sb is None or sa[0] != sb[0]:
+    spans = [(name, t, _byte_span(t)) for name, t in named if t is not None]
+    for i, (a, ta, sa) in enumerate(spans):
+        for b, tb, sb in spans[i + 1 :]:
+            if sa is None or sb is None or not (sa[0] < sb[1] and sb[0] < sa[1]):
                 continue
-            if sa[1] < sb[2] and sb[1] < sa[2]:
-                raise ValueError(
-                    f"{a} and {b} overlap in memory ({a} spans bytes {sa[1]:#x}..{sa[2]:#x}, "
-                    f"{b} {sb[1]:#x}..{sb[2]:#x}); {b if b in _WRITTEN else a} is written in "
-                    "place, so it needs memory of its own (e.g. a .clone())"
-                )
+            if ta.device != tb.device:  # the same numbers in two address spaces
+                continue
+            raise ValueError(
+                f"{a} and {b} overlap in memory ({a} spans bytes {sa[0]:#x}..{sa[1]:#x}, "
+                f"{b} {sb[0]:#x}..{sb[1]:#x}); {b if b in _WRITTEN else a} is written in "
+                "place, so it needs memory of its own (e.g. a .clone())"
+            )
 
 
 _WRITTEN = ("residual", "out")
