@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from tritter_comm.sync import TernaryWeightSync
+from tritter_comm.sync import TernaryWeightSync, pack_ternary, unpack_ternary
 
 
 def _model(width: int = 64, *, mixed: bool = False) -> nn.Module:
@@ -88,11 +90,12 @@ def broadcast_ternary(rank, world, *, mixed=False, src=0):
     return {"state": _state_bytes(m), "info": info, "counted": c.bytes, "stats": sync.stats()}
 
 
-def broadcast_rounds(rank, world, *, rounds, error_feedback=True, width=64, mixed=False):
+def broadcast_rounds(rank, world, *, rounds, error_feedback=True, width=64, mixed=False,
+                     group=None, src=None):
     """src holds a random model; the receivers' deviation after each round."""
     m = _model(width, mixed=mixed)
     _randomize(m, seed=100 + rank)
-    sync = TernaryWeightSync(m, error_feedback=error_feedback)
+    sync = TernaryWeightSync(m, error_feedback=error_feedback, group=group, src=src)
     devs, counted = [], []
     for _ in range(rounds):
         with _Counter() as c:
@@ -105,8 +108,27 @@ def broadcast_rounds(rank, world, *, rounds, error_feedback=True, width=64, mixe
             "params": [p.detach().float().numpy().copy() for p in m.parameters()]}
 
 
-def local_sgd(rank, world, *, rounds, h, mixed=False, width=64, error_feedback=True):
-    """H local SGD steps on each rank's own data, then average(); replicas after each round."""
+def _float_params(m):
+    return [p.detach().clone() for p in m.parameters() if p.dtype.is_floating_point and p.numel()]
+
+
+def _residual_error(weights, before, after):
+    """Max |residual after - what this rank's own packed delta dropped|: the residual that
+    average() keeps must be ``own - unpack(pack(own))`` with ``own = w - anchor + residual``
+    (``weights``: the float parameters before the average; ``before``/``after``: state_dicts
+    around it)."""
+    worst = 0.0
+    for p, a, e, new in zip(weights, before["anchor"], before["residual"], after["residual"]):
+        own = (p.float() - a.float()).reshape(-1) + e
+        dropped = own - unpack_ternary(pack_ternary(own.view(p.shape), rule="adaptive")).reshape(-1)
+        worst = max(worst, float((new - dropped).abs().max()))
+    return worst
+
+
+def local_sgd(rank, world, *, rounds, h, mixed=False, width=64, error_feedback=True,
+              group=None):
+    """H local SGD steps on each rank's own data, then average(); replicas after each round.
+    ``rank`` picks the data: in a subgroup, pass the rank in the group."""
     torch.manual_seed(0)
     m = _model(width, mixed=mixed)
     _randomize(m, seed=100 + rank)  # different starting points: the first average is exact
@@ -115,12 +137,12 @@ def local_sgd(rank, world, *, rounds, h, mixed=False, width=64, error_feedback=T
             p.mul_(width**-0.5)
     for p in m.parameters():
         p.requires_grad_(True)
-    sync = TernaryWeightSync(m, error_feedback=error_feedback)
+    sync = TernaryWeightSync(m, error_feedback=error_feedback, group=group)
     opt = torch.optim.SGD(m.parameters(), lr=0.01)
     g = torch.Generator().manual_seed(1000 + rank)
     target = torch.Generator().manual_seed(3)
     w_true = torch.randn(width, 10, generator=target) * width**-0.5
-    states, infos, counted, losses = [], [], [], []
+    states, infos, counted, losses, residuals, residual_errors = [], [], [], [], [], []
     for _ in range(rounds):
         for _ in range(h):
             if mixed:  # the layers' dtypes differ: local "steps" are random moves
@@ -134,12 +156,17 @@ def local_sgd(rank, world, *, rounds, h, mixed=False, width=64, error_feedback=T
             loss.backward()
             opt.step()
             losses.append(loss.item())
+        before, weights = sync.state_dict(), _float_params(m)
         with _Counter() as c:
             infos.append(sync.average())
         counted.append(c.bytes)
         states.append(_state_bytes(m))
+        after = sync.state_dict()
+        residuals.append(b"".join(e.numpy().tobytes() for e in after["residual"]))
+        if before["anchor"] is not None and error_feedback:
+            residual_errors.append(_residual_error(weights, before, after))
     return {"states": states, "infos": infos, "counted": counted, "losses": losses,
-            "stats": sync.stats()}
+            "stats": sync.stats(), "residuals": residuals, "residual_errors": residual_errors}
 
 
 def nan_on_one_rank(rank, world, *, method):
@@ -195,3 +222,59 @@ def mark_synced(rank, world, *, same):
     with _Counter() as c:
         sync.average()
     return {"state": _state_bytes(m), "counted": c.bytes, "stats": sync.stats()}
+
+
+# ------------------------------------------------------------------------- subgroups (issue 14)
+
+
+def _outside(rank, group):
+    """A rank outside ``group``: a sync built on it refuses every method, and the module is
+    left as it was."""
+    m = _model()
+    _randomize(m, seed=100 + rank)
+    before = _state_bytes(m)
+    sync = TernaryWeightSync(m, group=group)
+    errors = {}
+    for method in ("broadcast", "average", "mark_synced"):
+        try:
+            getattr(sync, method)()
+        except ValueError as e:
+            errors[method] = str(e)
+    return {"outside": True, "errors": errors, "untouched": _state_bytes(m) == before,
+            "stats": sync.stats()}
+
+
+def in_subgroup(rank, world, *, members, job, **kwargs):
+    """Every rank makes ``dist.new_group(members)``; the members run ``job`` (a function of
+    this module) with their rank in the group as ``rank`` and the group as ``group``; the
+    others check that they are refused and left untouched."""
+    group = dist.new_group(members)
+    try:
+        if rank not in members:
+            return _outside(rank, group)
+        out = globals()[job](members.index(rank), len(members), group=group, **kwargs)
+        return {"outside": False, **out}
+    finally:
+        del group
+        gc.collect()  # the syncs holding the group go before destroy_process_group
+
+
+def src_outside_group(rank, world, *, members, src):
+    group = dist.new_group(members)
+    try:
+        if rank not in members:
+            return None
+        m = _model()
+        _randomize(m, seed=100 + rank)
+        before = _state_bytes(m)
+        sync = TernaryWeightSync(m, group=group, src=src)
+        errors = []
+        for method in ("broadcast", "average"):
+            try:
+                getattr(sync, method)()
+            except ValueError as e:
+                errors.append(str(e))
+        return {"errors": errors, "untouched": _state_bytes(m) == before}
+    finally:
+        del group
+        gc.collect()

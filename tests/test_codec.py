@@ -136,6 +136,111 @@ def test_nan_leaves_residual_untouched(backend):
     assert torch.equal(e, torch.full((3000,), 0.25))
 
 
+# Aliasing (issue 14): the Rust core takes inputs as &[T] and outputs as &mut [T], so an output
+# that shares any byte with an input must be refused before it gets there; disjoint views of one
+# buffer are fine.
+def _overlapping_residuals(dtype):
+    """The buffer, and (x, residual) pairs over it: identical, overlapping x's start or its
+    end, by one element at the edge, and shifted by one element."""
+    buf = torch.randn(8192).to(dtype)
+    x = buf[2048:4096]
+    return buf, {
+        "identical": (x, x),
+        "same bytes, another view": (x, buf[2048:4096]),
+        "over the start": (x, buf[1024:3072]),
+        "over the end": (x, buf[3072:5120]),
+        "one element at the start": (x, buf[1:2049]),
+        "one element at the end": (x, buf[4095:6143]),
+        "offset by one": (x, buf[2049:4097]),
+    }
+
+
+@pytest.mark.parametrize("backend", ["rust", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", list(_overlapping_residuals(torch.float32)[1]))
+def test_residual_overlapping_x_is_refused(case, dtype, backend):
+    buf, cases = _overlapping_residuals(dtype)
+    x, r = cases[case]
+    before = buf.clone()
+    with pytest.raises(ValueError, match="x and residual overlap in memory"):
+        tc.encode(x, residual=r, block_size=256, backend=backend)
+    assert torch.equal(buf, before)  # nothing was written
+
+
+def test_residual_over_the_same_numpy_buffer_is_refused():
+    # two storages over one buffer: only the address ranges tell that they overlap
+    a = np.random.default_rng(0).standard_normal(4096).astype(np.float32)
+    x, r = a[:2048], torch.from_numpy(a[1024:3072])
+    assert torch.from_numpy(x).untyped_storage().data_ptr() != r.untyped_storage().data_ptr()
+    with pytest.raises(ValueError, match="x and residual overlap in memory"):
+        tc.encode(x, residual=r)
+    with pytest.raises(ValueError, match="x and residual overlap in memory"):
+        tc.encode(torch.from_numpy(a[1:2049]), residual=torch.from_numpy(a[:2048]))
+
+
+@pytest.mark.parametrize("backend", ["rust", "torch"])
+def test_disjoint_slices_of_one_buffer_are_allowed(backend):
+    buf = torch.randn(6144)
+    x, r = buf[2048:4096], buf[4096:]  # adjacent: x's last byte is just below r's first
+    r.mul_(0.1)
+    x2, r2 = x.clone(), r.clone()
+    p = tc.encode(x, residual=r, block_size=256, backend=backend)
+    q = tc.encode(x2, residual=r2, block_size=256, backend=backend)
+    assert p == q and torch.equal(r, r2) and torch.equal(x, x2)
+    tc.encode(buf[2048:4096], residual=buf[:2048], block_size=256, backend=backend)  # adjacent
+
+
+@pytest.mark.parametrize("backend", ["rust", "torch"])
+def test_outputs_over_an_input_are_refused(backend):
+    """The preallocated forms: ``out`` in another dtype over the bytes of ``x``, ``residual``
+    or ``body``."""
+    from tritter_comm.codec import MODES, decode_body_into, encode_body_into
+
+    n = 2048
+    kw = dict(seed=1, stream=2, mode_id=MODES["ternary"], block_log2=8, backend=backend)
+    size = tc.body_nbytes(n, block_size=256)
+    buf = torch.randn(2 * n)
+    x, e = buf[:n], buf[n:]
+    before = buf.clone()
+    with pytest.raises(ValueError, match="x and out overlap in memory"):
+        encode_body_into(x, x.view(torch.uint8)[100 : 100 + size], **kw)
+    with pytest.raises(ValueError, match="residual and out overlap in memory"):
+        encode_body_into(x, e.view(torch.uint8)[8 : 8 + size], residual=e, **kw)
+    with pytest.raises(ValueError, match="x and residual overlap in memory"):
+        encode_body_into(x, torch.empty(size, dtype=torch.uint8), residual=buf[n - 1 : -1], **kw)
+    assert torch.equal(buf, before)
+    body = torch.empty(size, dtype=torch.uint8)
+    encode_body_into(x, body, residual=e, **kw)  # disjoint: fine
+    raw = torch.zeros(4 * n + size, dtype=torch.uint8)
+    raw[:size] = body
+    kept = raw.clone()
+    with pytest.raises(ValueError, match="body and out overlap in memory"):
+        decode_body_into(raw[:size], raw[size - 4 : size - 4 + 4 * n].view(torch.float32), **kw)
+    with pytest.raises(ValueError, match="body and out overlap in memory"):
+        decode_body_into(raw[:size], raw.view(torch.bfloat16)[:n], **kw)
+    assert torch.equal(raw, kept)
+    y = raw[size : size + 4 * n].view(torch.float32)  # just after the body: fine
+    decode_body_into(raw[:size], y, **kw)
+    assert torch.equal(y, tc.decode(tc.Payload(body, n=n, dtype=torch.float32, mode="ternary",
+                                               block_size=256, seed=1, stream=2)))
+
+
+def test_overlap_check_covers_strided_views():
+    from tritter_comm.codec import _check_disjoint
+
+    buf = torch.randn(256)
+    every_tenth = buf[0:100:10]  # elements 0, 10, ..., 90
+    _check_disjoint(("a", every_tenth), ("b", buf[91:]))
+    with pytest.raises(ValueError, match="a and b overlap"):
+        _check_disjoint(("a", every_tenth), ("b", buf[90:]))
+    square = buf[:64].view(8, 8).t()  # its last element in memory is buf[63]
+    _check_disjoint(("a", square), ("b", buf[64:]))
+    with pytest.raises(ValueError, match="a and b overlap"):
+        _check_disjoint(("a", square), ("b", buf[63:]))
+    _check_disjoint(("a", buf[:0]), ("b", buf))  # nothing to overlap
+    _check_disjoint(("a", buf[:10]), ("b", None))
+
+
 def test_corrupted_payloads_raise_value_error():
     good = tc.encode(torch.randn(1000), block_size=256).to_bytes()
     cases = {

@@ -340,3 +340,90 @@ def test_mark_synced_sets_the_anchor_without_an_exact_round():
     assert st["bytes_sent"] == 2 * st["body_nbytes"] and st["exact_bytes"] < 4 * 1024
     res = run(W.mark_synced, 2, same=False)
     assert all("weights differ" in r for r in res), res
+
+
+# ------------------------------------------------------------------ sync in a subgroup (issue 14)
+# 4 ranks, a 2-rank group made with dist.new_group on every rank. Within the group, ranks are
+# ranks in the group: a member with group rank g must do exactly what rank g of a plain 2-rank
+# job does (same data, same residual, same bytes), whatever its global rank.
+
+SUBGROUPS = [[2, 3], [1, 3]]
+
+
+@pytest.fixture(scope="module")
+def plain_local_sgd():
+    return run(W.local_sgd, 2, rounds=4, h=3, width=64)
+
+
+def _members_and_outside(res, members):
+    inside = [res[r] for r in members]
+    outside = [res[r] for r in range(len(res)) if r not in members]
+    assert not any(r["outside"] for r in inside) and all(r["outside"] for r in outside)
+    return inside, outside
+
+
+def _check_outside(outside):
+    for r in outside:  # every method refused, by name of the problem; nothing changed
+        assert r["untouched"]
+        assert set(r["errors"]) == {"broadcast", "average", "mark_synced"}, r["errors"]
+        assert all("is not in the process group" in e for e in r["errors"].values())
+        assert r["stats"]["broadcasts"] == r["stats"]["averages"] == 0
+
+
+@pytest.mark.parametrize("members", SUBGROUPS, ids=["2,3", "1,3"])
+def test_average_in_a_subgroup_is_the_two_rank_job(members, plain_local_sgd):
+    res = run(W.in_subgroup, 4, members=members, job="local_sgd", rounds=4, h=3, width=64)
+    inside, outside = _members_and_outside(res, members)
+    for k in range(4):  # replicas bit-identical, and equal to the plain job's, every round
+        assert inside[0]["states"][k] == inside[1]["states"][k], f"replicas differ, round {k}"
+        assert inside[0]["states"][k] == plain_local_sgd[0]["states"][k], f"round {k}"
+    for g in range(2):  # each member keeps the residual of its own delta
+        assert inside[g]["residuals"] == plain_local_sgd[g]["residuals"], f"group rank {g}"
+        assert inside[g]["residual_errors"] == [0.0] * 3, inside[g]["residual_errors"]
+        assert inside[g]["counted"] == plain_local_sgd[g]["counted"]
+        assert inside[g]["stats"] == plain_local_sgd[g]["stats"]
+    assert inside[0]["residuals"][-1] != inside[1]["residuals"][-1]  # they are per rank
+    _check_outside(outside)
+
+
+def test_plain_job_residual_is_each_ranks_own(plain_local_sgd):
+    for r in plain_local_sgd:
+        assert r["residual_errors"] == [0.0] * 3, r["residual_errors"]
+
+
+@pytest.mark.parametrize(
+    "members, src, plain_src",
+    [([1, 3], 3, 1),  # src is a global rank: 3 is group rank 1
+     ([2, 3], None, 0)],  # by default the group's first rank
+    ids=["1,3 src=3", "2,3 default src"])
+def test_broadcast_in_a_subgroup_takes_a_global_src(members, src, plain_src):
+    kw = dict(rounds=3, width=64, mixed=True)
+    res = run(W.in_subgroup, 4, members=members, job="broadcast_rounds", src=src, **kw)
+    plain = run(W.broadcast_rounds, 2, src=plain_src, **kw)
+    inside, outside = _members_and_outside(res, members)
+    for g in range(2):
+        assert inside[g]["state"] == plain[g]["state"], f"group rank {g}"
+        assert inside[g]["devs"] == plain[g]["devs"] and inside[g]["stats"] == plain[g]["stats"]
+        assert inside[g]["counted"] == plain[g]["counted"]
+    sender = inside[plain_src]
+    assert sender["devs"][-1] is not None and sender["stats"]["bytes_sent"] > 0
+    assert inside[1 - plain_src]["devs"] == [None] * 3  # the other member only receives
+    _check_outside(outside)
+
+
+def test_src_outside_the_group_is_refused():
+    # src=1 would be group rank 1 of [2, 3]; as a global rank it is not in the group
+    res = run(W.src_outside_group, 4, members=[2, 3], src=1, timeout=120)
+    for r in (res[2], res[3]):
+        assert r["untouched"] and len(r["errors"]) == 2, r
+        assert all("src=1 is not in the sync's process group (global ranks [2, 3])" in e
+                   for e in r["errors"]), r["errors"]
+    assert res[0] is None and res[1] is None
+
+
+def test_src_without_a_process_group_must_be_rank_0():
+    sync = S.TernaryWeightSync(W._model(), src=1)
+    with pytest.raises(ValueError, match="no process group"):
+        sync.broadcast()
+    with pytest.raises(ValueError, match="src must be None"):
+        S.TernaryWeightSync(W._model(), src=True)

@@ -245,6 +245,52 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+def _byte_span(t: torch.Tensor):
+    """``(first, end)``: the addresses of the bytes ``t`` can touch (any strides, offsets,
+    dtype), or ``None`` for an empty tensor."""
+    if t.numel() == 0:
+        return None
+    first = t.data_ptr()  # includes the storage offset
+    if t.is_contiguous():  # the codec's case, on the hooks' hot path
+        return first, first + t.nbytes
+    size = t.element_size()
+    end = first
+    for n, stride in zip(t.shape, t.stride()):
+        reach = (n - 1) * stride * size
+        if reach < 0:
+            first += reach
+        else:
+            end += reach
+    return first, end + size
+
+
+def _check_disjoint(*named) -> None:
+    """Raise ``ValueError`` if two of the ``(name, tensor)`` pairs share memory.
+
+    The Rust core takes the inputs as ``&[T]`` and the outputs as ``&mut [T]``: aliased, that
+    is undefined behaviour, and the torch path would compute from half-written data (issue 14).
+    Compares the address ranges themselves, not storages or start pointers, so it also sees two
+    tensors built over one numpy buffer, views with offsets, and other dtypes over the same
+    bytes. Strided views are taken by their whole span, so interleaved ones count as overlapping
+    (the codec takes contiguous tensors only).
+    """
+    spans = [(name, t, _byte_span(t)) for name, t in named if t is not None]
+    for i, (a, ta, sa) in enumerate(spans):
+        for b, tb, sb in spans[i + 1 :]:
+            if sa is None or sb is None or not (sa[0] < sb[1] and sb[0] < sa[1]):
+                continue
+            if ta.device != tb.device:  # the same numbers in two address spaces
+                continue
+            raise ValueError(
+                f"{a} and {b} overlap in memory ({a} spans bytes {sa[0]:#x}..{sa[1]:#x}, "
+                f"{b} {sb[0]:#x}..{sb[1]:#x}); {b if b in _WRITTEN else a} is written in "
+                "place, so it needs memory of its own (e.g. a .clone())"
+            )
+
+
+_WRITTEN = ("residual", "out")
+
+
 def _rust_encode(x, out, mode_id, block_log2, seed, stream, residual, check_finite) -> None:
     r = None if residual is None else _np(residual)
     if x.dtype == torch.float32:
@@ -291,8 +337,11 @@ def encode_body_into(
 ) -> None:
     """Encode ``x`` into the preallocated ``uint8`` body ``out`` (no validation of ``x``).
 
-    The hooks call this with their buffers; ``encode`` is the checked public form.
+    The hooks call this with their buffers; ``encode`` is the checked public form. The one
+    check made here is that ``x``, ``residual`` and ``out`` do not overlap in memory
+    (``ValueError``): the Rust core must never get aliased slices.
     """
+    _check_disjoint(("x", x), ("residual", residual), ("out", out))
     if _resolve_backend(backend, x.device) == "rust":
         _rust_encode(x, out, mode_id, block_log2, seed, stream, residual, check_finite)
     else:
@@ -320,7 +369,9 @@ def decode_body_into(
     block_log2: int,
     backend: str = "auto",
 ) -> None:
-    """Decode ``body`` into the preallocated 1-D float tensor ``out``."""
+    """Decode ``body`` into the preallocated 1-D float tensor ``out``, which must not overlap
+    ``body`` in memory (``ValueError``)."""
+    _check_disjoint(("body", body), ("out", out))
     if _resolve_backend(backend, body.device) == "rust":
         _rust_decode(body, out, mode_id, block_log2, seed, stream)
     else:
@@ -352,10 +403,12 @@ def encode(
         block_size: Hadamard block, a power of two from 256 to 65536 (default 1024).
         residual: error-feedback state, a tensor like ``x``. When given, ``x + residual`` is
             encoded and ``residual`` is updated in place to what the payload does not carry.
+            It must not overlap ``x`` in memory.
         backend: ``"rust"`` (CPU tensors), ``"torch"`` (any device) or ``"auto"``.
 
     Raises:
-        ValueError: bad arguments, or NaN/Inf in ``x`` or ``residual`` (nothing is modified).
+        ValueError: bad arguments (a ``residual`` that overlaps ``x`` too), or NaN/Inf in ``x``
+            or ``residual`` (nothing is modified).
     """
     x = _as_tensor(x)
     _check_vector(x)
@@ -372,8 +425,6 @@ def encode(
                 f"residual must match x: got {tuple(residual.shape)} {residual.dtype} on "
                 f"{residual.device}, x is {tuple(x.shape)} {x.dtype} on {x.device}"
             )
-        if residual.data_ptr() == x.data_ptr():
-            raise ValueError("residual must not be the same tensor as x")
     out = torch.empty(_native.body_nbytes(x.numel(), mode_id, blog), dtype=torch.uint8,
                       device=x.device)
     encode_body_into(x, out, seed=seed, stream=stream, mode_id=mode_id, block_log2=blog,

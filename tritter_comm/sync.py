@@ -18,6 +18,11 @@ values.
   replica ends bit-identical: the outer step of local SGD. The first ``average()`` (no anchor
   yet) averages the exact weights.
 
+With ``group=``, everything happens within the group: ranks are ranks in the group (the
+order of the average, whose residual is whose), ``src`` is a global rank as in
+``torch.distributed.broadcast`` (by default the group's first), and only the group's ranks may
+call the methods (issue 14).
+
 Buffers (BatchNorm statistics) and non-float parameters go across exactly.
 """
 
@@ -26,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -432,6 +437,15 @@ def _unpack_into(scales: Tensor, codes: Tensor, group: int, out: Tensor) -> None
 # --------------------------------------------------------------------------------- the sync
 
 
+class _Ranks(NamedTuple):
+    """Where this process stands in the sync's group, at one call."""
+
+    rank: int  # this process's rank in the group (the all_gather's order)
+    world: int  # the group's size
+    src: int  # the sender, a global rank (what torch.distributed.broadcast takes)
+    is_src: bool  # this process is src
+
+
 @dataclasses.dataclass
 class _Slot:
     """One float parameter: where its scales and codes sit in the body."""
@@ -452,9 +466,12 @@ class TernaryWeightSync:
     Args:
         module: the model (its parameters and buffers are synced in place).
         group: process group (default: the world). Every rank of it must call the same
-            methods in the same order.
-        src: global rank that sends in :meth:`broadcast` and whose non-float buffers
-            :meth:`average` keeps.
+            methods in the same order; ranks outside it must not call them (``ValueError``).
+            :meth:`average` orders ranks and residuals by their rank in the group.
+        src: the rank that sends in :meth:`broadcast` and whose non-float buffers
+            :meth:`average` keeps. A global rank, as in ``torch.distributed.broadcast``, and
+            one of the group's; ``None`` (the default) is the group's first rank (group rank
+            0), which is global rank 0 for the world.
         error_feedback: :meth:`broadcast` sends the difference to what the receivers hold, so
             what one round drops goes out in the next; without it, it sends the change of the
             sender's weights since the last round, and errors stay. :meth:`average` carries
@@ -480,15 +497,18 @@ class TernaryWeightSync:
         module: nn.Module,
         *,
         group: Optional[Any] = None,
-        src: int = 0,
+        src: Optional[int] = None,
         error_feedback: bool = True,
         group_size: Optional[int] = None,
         rule: str = "adaptive",
     ):
         if not isinstance(module, nn.Module):
             raise ValueError(f"module must be a torch.nn.Module, got {type(module).__name__}")
-        if not isinstance(src, int) or isinstance(src, bool) or src < 0:
-            raise ValueError(f"src must be a non-negative int (a global rank), got {src!r}")
+        if src is not None and (not isinstance(src, int) or isinstance(src, bool) or src < 0):
+            raise ValueError(
+                f"src must be None (the group's first rank) or a non-negative int (a global "
+                f"rank), got {src!r}"
+            )
         _check_group_size(group_size)
         self.module = module
         self.group = group
@@ -529,14 +549,34 @@ class TernaryWeightSync:
 
     # -------------------------------------------------------------------------- helpers
 
-    def _world(self) -> Tuple[int, int]:
+    def _world(self) -> _Ranks:
+        """This process's rank in the group, the group's size and ``src`` as a global rank;
+        ``ValueError`` (before anything changes) on a process outside the group or a ``src``
+        outside it."""
         if not (dist.is_available() and dist.is_initialized()):
-            rank, world = 0, 1
-        else:
-            rank, world = dist.get_rank(), dist.get_world_size(self.group)
-        if world > 1 and self.src >= dist.get_world_size():
-            raise ValueError(f"src={self.src} is not a rank of a world of {world}")
-        return rank, world
+            if self.src not in (None, 0):
+                raise ValueError(
+                    f"src={self.src}, but there is no process group: this process is the only "
+                    "rank, 0"
+                )
+            return _Ranks(0, 1, 0, True)
+        rank = dist.get_rank(self.group)  # -1 outside the group
+        if rank < 0:
+            raise ValueError(
+                f"global rank {dist.get_rank()} is not in the process group of this "
+                "TernaryWeightSync; only the group's ranks may call broadcast(), average() "
+                "or mark_synced()"
+            )
+        ranks = dist.get_process_group_ranks(
+            self.group if self.group is not None else dist.group.WORLD)
+        src = ranks[0] if self.src is None else self.src
+        if src not in ranks:
+            shown = ranks if len(ranks) <= 16 else f"{len(ranks)} ranks from {min(ranks)}"
+            raise ValueError(
+                f"src={src} is not in the sync's process group (global ranks {shown}); src is "
+                "a global rank, as in torch.distributed.broadcast"
+            )
+        return _Ranks(rank, len(ranks), src, ranks[rank] == src)
 
     @property
     def body_nbytes(self) -> int:
@@ -559,21 +599,21 @@ class TernaryWeightSync:
         codes = body[4 * self._scales_len :]
         return scales[s.s0 : s.s0 + s.ns], codes[s.c0 : s.c0 + s.nc]
 
-    def _layout_digest(self) -> int:
+    def _layout_digest(self, src: int) -> int:
         h = hashlib.sha256()
         for s in self._slots:
             h.update(f"{s.name}:{tuple(s.param.shape)}:{s.param.dtype}:{s.group};".encode())
-        h.update(f"rule={self.rule};ef={self.error_feedback};src={self.src}".encode())
+        h.update(f"rule={self.rule};ef={self.error_feedback};src={src}".encode())
         for name, t in self._other:
             h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         return int.from_bytes(h.digest()[:7], "little")
 
-    def _agree(self, status: int) -> None:
+    def _agree(self, status: int, src: int) -> None:
         """One small all-reduce: every rank learns whether any rank failed to pack, and (the
         first time) whether all ranks have the same parameter layout. Keeps a failure on one
         rank from hanging the others in the next collective."""
         first = not self._checked
-        digest = self._layout_digest() if first else 0
+        digest = self._layout_digest(src) if first else 0
         t = torch.tensor([status, digest, -digest], dtype=torch.int64, device=self._device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         self._stats["exact_bytes"] += t.numel() * 8
@@ -585,13 +625,14 @@ class TernaryWeightSync:
             if int(t[1]) != digest or int(t[2]) != -digest:
                 raise ValueError(
                     "ranks have different parameters or buffers (names, shapes, dtypes or "
-                    "group_size): build the same module on every rank"
+                    "group_size) or options (rule, error_feedback, src): build the same module "
+                    "and sync on every rank"
                 )
             self._checked = True
 
-    def _sync_other_broadcast(self) -> None:
+    def _sync_other_broadcast(self, src: int) -> None:
         for _, t in self._other:
-            dist.broadcast(t.data, src=self.src, group=self.group)
+            dist.broadcast(t.data, src=src, group=self.group)
             self._stats["exact_bytes"] += t.numel() * t.element_size()
 
     def _exact_mean(self, t: torch.Tensor, world: int) -> torch.Tensor:
@@ -604,7 +645,7 @@ class TernaryWeightSync:
             acc += g.double()
         return (acc / world).to(t.dtype)
 
-    def _pack_body(self, body: torch.Tensor, deltas, world: int) -> None:
+    def _pack_body(self, body: torch.Tensor, deltas, world: int, src: int) -> None:
         """Pack ``deltas`` (flat float32, one per slot, in slot order; empty on a rank that
         sends nothing) into ``body``, then agree with the other ranks that every one could: a
         NaN or Inf anywhere raises ``ValueError`` on every rank, before any collective that
@@ -619,16 +660,16 @@ class TernaryWeightSync:
                 raise
             status = 1
         if world > 1:
-            self._agree(status)
+            self._agree(status, src)
 
-    def _sync_other_average(self, world: int) -> None:
+    def _sync_other_average(self, world: int, src: int) -> None:
         """Float buffers: the exact mean, summed in rank order (identical everywhere);
-        others: ``src``'s value."""
+        others: ``src``'s value (``src`` a global rank)."""
         for _, t in self._other:
             if t.dtype.is_floating_point:
                 t.data.copy_(self._exact_mean(t.data, world))
             else:
-                dist.broadcast(t.data, src=self.src, group=self.group)
+                dist.broadcast(t.data, src=src, group=self.group)
             self._stats["exact_bytes"] += t.numel() * t.element_size()
 
     # ------------------------------------------------------------------------ broadcast
@@ -640,19 +681,20 @@ class TernaryWeightSync:
         Collectives: one all-reduce of 3 int64 (status), one broadcast of the packed body, one
         broadcast per buffer or non-float parameter.
         """
-        rank, world = self._world()
+        where = self._world()
+        world = where.world
         if self._replica is None:
             self._replica = [torch.zeros_like(s.param) for s in self._slots]
             if not self.error_feedback:
                 self._last = [torch.zeros_like(s.param) for s in self._slots]
         body = self._new_body()
-        sending = rank == self.src
+        sending = where.is_src
         refs = self._replica if self.error_feedback else self._last
         outgoing = ((s.param.float() - ref.float()).reshape(-1)
                     for s, ref in zip(self._slots, refs)) if sending else ()
-        self._pack_body(body, outgoing, world)
+        self._pack_body(body, outgoing, world, where.src)
         if world > 1:
-            dist.broadcast(body, src=self.src, group=self.group)
+            dist.broadcast(body, src=where.src, group=self.group)
         deltas = []
         for i, s in enumerate(self._slots):
             sc, cd = self._views(body, s)
@@ -670,7 +712,7 @@ class TernaryWeightSync:
             else:
                 s.param.copy_(new)
         if world > 1:
-            self._sync_other_broadcast()
+            self._sync_other_broadcast(where.src)
         self._stats["broadcasts"] += 1
         if sending and world > 1:
             self._stats["bytes_sent"] += self.body_nbytes
@@ -687,20 +729,21 @@ class TernaryWeightSync:
         """Average the module over the ranks (local SGD's outer step); all end identical.
 
         Each rank packs ``w - anchor`` (plus its residual with error feedback); the packed
-        bodies are all-gathered, decoded and averaged in rank order; the new weights are
-        ``anchor + mean delta``, and they become the anchor. The first call has no anchor and
-        averages the exact weights.
+        bodies are all-gathered, decoded and averaged in the order of the ranks in the group;
+        the new weights are ``anchor + mean delta``, and they become the anchor. The first call
+        has no anchor and averages the exact weights.
         """
-        rank, world = self._world()
+        where = self._world()
+        rank, world = where.rank, where.world  # rank in the group: its index in the gather
         if self._anchor is None or world == 1:  # one rank: its weights are the average
-            return self._average_exact(world)
+            return self._average_exact(world, where.src)
         body = self._new_body()
         own = [(s.param.float() - a.float()).reshape(-1)
                for s, a in zip(self._slots, self._anchor)]
         if self.error_feedback:
             for d, e in zip(own, self._residual):
                 d += e
-        self._pack_body(body, own, world)
+        self._pack_body(body, own, world, where.src)
         if world > 1:
             bodies = [torch.empty_like(body) for _ in range(world)]
             dist.all_gather(bodies, body, group=self.group)
@@ -719,20 +762,20 @@ class TernaryWeightSync:
             s.param.copy_(new)
             self._anchor[i].copy_(new)
         if world > 1:
-            self._sync_other_average(world)
+            self._sync_other_average(world, where.src)
             self._stats["bytes_sent"] += self.body_nbytes
         self._stats["averages"] += 1
         self._stats["fp32_bytes"] += self.fp32_nbytes
         return {"body_nbytes": self.body_nbytes, "fp32_nbytes": self.fp32_nbytes,
                 "exact": False}
 
-    def _average_exact(self, world: int) -> Dict[str, Any]:
+    def _average_exact(self, world: int, src: int) -> Dict[str, Any]:
         if world > 1:
-            self._agree(0)
+            self._agree(0, src)
             for s in self._slots:
                 s.param.copy_(self._exact_mean(s.param.data, world))
                 self._stats["exact_bytes"] += s.n * s.param.element_size()
-            self._sync_other_average(world)
+            self._sync_other_average(world, src)
         self._anchor = [s.param.detach().clone() for s in self._slots]
         if self._residual is None:
             self._residual = [torch.zeros(s.n, dtype=torch.float32, device=s.param.device)
@@ -747,7 +790,7 @@ class TernaryWeightSync:
         the replica of :meth:`broadcast`, so no exact first round is needed. One small
         all-reduce checks a digest of the weights; ranks that differ raise ``ValueError``.
         """
-        _, world = self._world()
+        world = self._world().world
         if world > 1:
             h = hashlib.sha256()
             for sl in self._slots:
