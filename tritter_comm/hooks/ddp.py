@@ -145,6 +145,7 @@ class VSAState:
         "_param_ids",
         "_auto",
         "_fsdp",
+        "__weakref__",  # tritter_comm.shutdown() and the exit handler track states weakly
     )
 
     def __init__(
