@@ -196,4 +196,4 @@ def test_choice_is_in_the_state_dict_and_config_is_checked():
 def test_ranks_with_different_auto_fail_clearly():
     with pytest.raises(RuntimeError) as e:
         run(W.train, 2, steps=4, hook_per_rank=[dict(AUTO), dict(AUTO, auto=False)])
-    assert "auto: rank 0=1, rank 1=0" in str(e.value)
+    assert "auto: rank 0=True, rank 1=False" in str(e.value)

@@ -24,9 +24,49 @@ def test_killed_rank_stops_the_others_with_an_error(world):
 
 
 def test_version_skew_fails_on_every_rank_naming_it():
-    with pytest.raises(RuntimeError) as e:
+    with pytest.raises(RuntimeError) as e:  # the harness's error, holding each rank's
         run(W.train_with_version, 2, versions=[1000, 2000], steps=5,
             hook=dict(start_iter=2, min_compress_numel=1000))
     msg = str(e.value)
     assert msg.count("configured differently") == 2, msg
     assert "package_version: rank 0=1000, rank 1=2000" in msg
+
+
+def test_every_option_that_steers_the_collectives_is_agreed_first():
+    """Ranks that differ in one option fail with a ValueError naming it, on every rank, at
+    the first hook call: before the hook branches on it (start_iter 2 against 4 used to hang,
+    one rank all-gathering while the other all-reduced)."""
+    import _reliability_workers as RW
+
+    fields = list(RW.MISMATCHES)
+    t0 = time.monotonic()
+    out = run(RW.config_mismatches, 2, fields=fields, timeout=240)
+    assert time.monotonic() - t0 < 240
+    for field in fields:
+        for rank in (0, 1):
+            msg = out[rank][field]
+            assert msg is not None, f"{field}: rank {rank} trained with a mismatch"
+            assert msg.startswith("ValueError") and "configured differently" in msg, msg
+            a, b = RW.MISMATCHES[field]
+            assert f"{field}: rank 0={a!r}, rank 1={b!r}" in msg, msg
+            assert msg.count(": rank 0=") == 1, msg  # that field alone
+
+
+def test_a_failure_mid_step_raises_on_every_rank_and_leaves_nothing_pending():
+    import _reliability_workers as RW
+
+    out = run(RW.fail_mid_step, 2, timeout=150)
+    assert "injected failure" in out[1]["error"], out[1]
+    assert out[0]["error"] is not None, "the other rank trained on"
+    for r in out:
+        assert r["seconds"] < 60, r  # gloo reports the broken step, well before the timeout
+        assert r["pending_after_shutdown"] == 0, r
+
+
+def test_shutdown_closes_and_frees_the_hook_state():
+    import _reliability_workers as RW
+
+    for r in run(RW.shutdown_releases, 2):
+        assert r["compressed"] > 0, r
+        assert r["alive_before"] and r["freed"], r
+        assert r["initialized"], r  # destroy_process_group=False kept the group

@@ -63,6 +63,23 @@ def _flag(name: str, value: Any) -> bool:
     raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
+def _config_values(row: list[int]) -> dict[str, Any]:
+    """A config row read back as the options a user passed (names and values)."""
+    v = dict(zip(_CONFIG_FIELDS, row))
+    names = {i: m for m, i in MODES.items()}
+    return {
+        "format_version": v["format_version"],
+        "package_version": v["package_version"],
+        "mode": names.get(v["mode"], v["mode"]),
+        "phase2_mode": names.get(v["phase2_mode"], v["phase2_mode"]),
+        "block_size": 1 << v["block_log2"],
+        "seed": v["seed_lo"] | (v["seed_hi"] << 63),
+        **{k: v[k] for k in ("start_iter", "min_compress_numel")},
+        **{k: bool(v[k]) for k in ("error_feedback", "server_error_feedback", "fixed_keys",
+                                   "auto")},
+    }
+
+
 class VSAState:
     """State of :func:`vsa_hook`: configuration, error-feedback residuals and statistics.
 
@@ -260,11 +277,11 @@ class VSAState:
         mine = torch.tensor(self._config_row(), dtype=torch.int64, device=device)
         rows = torch.empty(world * mine.numel(), dtype=torch.int64, device=device)
         dist.all_gather_into_tensor(rows, mine, group=group)
-        rows = rows.view(world, -1).cpu().tolist()
+        values = [_config_values(row) for row in rows.view(world, -1).cpu().tolist()]
         diffs = [
-            f"{name}: " + ", ".join(f"rank {r}={row[i]}" for r, row in enumerate(rows))
-            for i, name in enumerate(_CONFIG_FIELDS)
-            if len({row[i] for row in rows}) > 1
+            f"{name}: " + ", ".join(f"rank {r}={v[name]!r}" for r, v in enumerate(values))
+            for name in values[0]
+            if len({v[name] for v in values}) > 1
         ]
         if diffs:
             raise ValueError(
