@@ -103,3 +103,34 @@ def shutdown_releases(rank, world):
     tritter_comm.shutdown(ddp, destroy_process_group=False)
     return {"compressed": compressed, "alive_before": alive_before,
             "freed": wref() is None, "initialized": dist.is_initialized()}
+
+
+def fsdp2_subgroup(rank, world, *, seeds, steps=3):
+    """FSDP2 over 2-rank shard groups of a (2, 2) mesh: ranks {0,1} and {2,3} each shard their
+    own model. ``seeds[rank]`` is this rank's hook seed. The configuration check must run on
+    the reduce-scatter's group: returns this rank's error message, or None if it trained."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("rep", "shard"))
+    torch.manual_seed(0)
+    model = Net(tiny=False, depth=2)
+    for layer in model.body:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh["shard"])
+    fully_shard(model, mesh=mesh["shard"])
+    state = tritter_comm.VSAState(start_iter=2, min_compress_numel=1000, seed=seeds[rank])
+    tritter_comm.fsdp.enable(model, state)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    try:
+        for step in range(steps):
+            x, y = _data(rank // 2, step, torch.float32)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    finally:
+        del model, opt
+        gc.collect()
+    return None

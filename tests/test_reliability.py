@@ -70,3 +70,17 @@ def test_shutdown_closes_and_frees_the_hook_state():
         assert r["compressed"] > 0, r
         assert r["alive_before"] and r["freed"], r
         assert r["initialized"], r  # destroy_process_group=False kept the group
+
+
+@pytest.mark.skipif(not __import__("tritter_comm").fsdp.available(), reason="needs FSDP2 comms")
+def test_fsdp2_checks_the_configuration_on_its_reduce_scatter_group():
+    import _reliability_workers as RW
+
+    # each shard group agrees within itself: both train (a check on the 4-rank default group
+    # would have failed them)
+    assert run(RW.fsdp2_subgroup, 4, seeds=[0, 0, 1, 1], timeout=240) == [None] * 4
+    # rank 3 differs from rank 2: that group fails on both its ranks, the other trains
+    out = run(RW.fsdp2_subgroup, 4, seeds=[0, 0, 1, 2], timeout=240)
+    assert out[:2] == [None, None], out
+    for msg in out[2:]:
+        assert msg and msg.startswith("ValueError") and "seed: rank 0=1, rank 1=2" in msg, out
