@@ -63,14 +63,14 @@ def get_num_threads() -> int:
     return _num_threads or _native.default_threads()
 
 
-def _mode_id(mode: str) -> int:
+def mode_id(mode: str) -> int:
     try:
         return MODES[mode]
     except (KeyError, TypeError):
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}") from None
 
 
-def _block_log2(block_size: Optional[int]) -> int:
+def block_log2(block_size: Optional[int]) -> int:
     if block_size is None:
         block_size = DEFAULT_BLOCK_SIZE
     if (
@@ -86,7 +86,7 @@ def _block_log2(block_size: Optional[int]) -> int:
     return block_size.bit_length() - 1
 
 
-def _u64(name: str, v: int) -> int:
+def u64(name: str, v: int) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < _U64:
         raise ValueError(f"{name} must be an int in [0, 2**64), got {v!r}")
     return v
@@ -94,7 +94,7 @@ def _u64(name: str, v: int) -> int:
 
 def body_nbytes(n: int, *, mode: str = "ternary", block_size: Optional[int] = None) -> int:
     """Bytes of the scales and packed codes of an ``n``-element vector (the header excluded)."""
-    return _native.body_nbytes(n, _mode_id(mode), _block_log2(block_size))
+    return _native.body_nbytes(n, mode_id(mode), block_log2(block_size))
 
 
 class Payload:
@@ -122,7 +122,7 @@ class Payload:
     def device(self) -> torch.device:
         return self.body.device
 
-    def _block_log2(self) -> int:
+    def block_log2(self) -> int:
         return self.block_size.bit_length() - 1
 
     def header(self) -> bytes:
@@ -131,7 +131,7 @@ class Payload:
             FORMAT_VERSION,
             MODES[self.mode],
             _DTYPES[self.dtype],
-            self._block_log2(),
+            self.block_log2(),
             self.n,
             self.seed,
             self.stream,
@@ -412,10 +412,10 @@ def encode(
     """
     x = _as_tensor(x)
     _check_vector(x)
-    mode_id = _mode_id(mode)
-    blog = _block_log2(block_size)
-    seed = _u64("seed", seed)
-    stream = _u64("stream", stream)
+    mid = mode_id(mode)
+    blog = block_log2(block_size)
+    seed = u64("seed", seed)
+    stream = u64("stream", stream)
     backend = _resolve_backend(backend, x.device)
     if residual is not None:
         residual = _as_tensor(residual)
@@ -425,9 +425,9 @@ def encode(
                 f"residual must match x: got {tuple(residual.shape)} {residual.dtype} on "
                 f"{residual.device}, x is {tuple(x.shape)} {x.dtype} on {x.device}"
             )
-    out = torch.empty(_native.body_nbytes(x.numel(), mode_id, blog), dtype=torch.uint8,
+    out = torch.empty(_native.body_nbytes(x.numel(), mid, blog), dtype=torch.uint8,
                       device=x.device)
-    encode_body_into(x, out, seed=seed, stream=stream, mode_id=mode_id, block_log2=blog,
+    encode_body_into(x, out, seed=seed, stream=stream, mode_id=mid, block_log2=blog,
                      residual=residual, backend=backend)
     return Payload(out, n=x.numel(), dtype=x.dtype, mode=mode, block_size=1 << blog,
                    seed=seed, stream=stream)
@@ -440,9 +440,9 @@ def decode(payload: Payload, *, backend: str = "auto") -> torch.Tensor:
     body = payload.body
     if not isinstance(body, torch.Tensor) or body.dtype != torch.uint8 or body.dim() != 1:
         raise ValueError("payload body must be a 1-D uint8 tensor")
-    mode_id = _mode_id(payload.mode)
-    blog = _block_log2(payload.block_size)
-    expected = _native.body_nbytes(payload.n, mode_id, blog)
+    mid = mode_id(payload.mode)
+    blog = block_log2(payload.block_size)
+    expected = _native.body_nbytes(payload.n, mid, blog)
     if body.numel() != expected:
         raise ValueError(
             f"payload body is {body.numel()} bytes, expected {expected} (truncated or corrupted)"
@@ -450,5 +450,5 @@ def decode(payload: Payload, *, backend: str = "auto") -> torch.Tensor:
     backend = _resolve_backend(backend, body.device)
     out = torch.empty(payload.n, dtype=payload.dtype, device=body.device)
     decode_body_into(body.contiguous(), out, seed=payload.seed, stream=payload.stream,
-                     mode_id=mode_id, block_log2=blog, backend=backend)
+                     mode_id=mid, block_log2=blog, backend=backend)
     return out

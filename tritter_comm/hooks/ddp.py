@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _native
-from ..codec import DEFAULT_BLOCK_SIZE, MODES, _block_log2, _mode_id, _u64
+from ..codec import DEFAULT_BLOCK_SIZE, MODES, block_log2, mode_id, u64
 from ..exchange import MAX_BUCKETS, MAX_WORLD, Exchange, Plan, Timers
 from . import _auto
 from .. import _teardown
@@ -181,16 +181,16 @@ class VSAState:
         residual_dtype: str = "float32",
         phase2_mode: Optional[str] = None,
     ):
-        _mode_id(mode)
+        mode_id(mode)
         if phase2_mode is not None:
             try:
-                _mode_id(phase2_mode)
+                mode_id(phase2_mode)
             except ValueError as e:
                 raise ValueError(f"phase2_mode: {e}") from None
         phase2_mode = mode if phase2_mode is None else phase2_mode
         block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
-        _block_log2(block_size)
-        _u64("seed", seed)
+        block_log2(block_size)
+        u64("seed", seed)
         if not isinstance(start_iter, int) or start_iter < 2:
             raise ValueError(
                 f"start_iter must be an int >= 2 (DDP rebuilds its buckets after the first "
@@ -258,7 +258,7 @@ class VSAState:
 
     def _config_row(self) -> list[int]:
         row = [_native.FORMAT_VERSION, _version_number(), MODES[self.mode],
-               _block_log2(self.block_size),
+               block_log2(self.block_size),
                self.seed & 0x7FFFFFFF_FFFFFFFF, self.seed >> 63, self.start_iter,
                self.min_compress_numel, int(self.error_feedback),
                int(self.server_error_feedback), int(self.fixed_keys), int(self.auto),
@@ -557,7 +557,7 @@ def _exchange_op(state: VSAState, x: torch.Tensor, key: int, world: int) -> _Op:
     if key >= MAX_BUCKETS or world > MAX_WORLD:
         raise ValueError(f"tritter-comm supports {MAX_BUCKETS} buckets and {MAX_WORLD} ranks")
     rank = dist.get_rank(state.process_group)
-    plan = Plan.make(x.numel(), world, _block_log2(state.block_size), MODES[state.mode],
+    plan = Plan.make(x.numel(), world, block_log2(state.block_size), MODES[state.mode],
                      MODES[state.phase2_mode])
     ex = Exchange(plan, rank=rank, group=state.process_group, seed=state.seed,
                   step=state.iter, key=key, timers=state._timers, fixed_keys=state.fixed_keys)

@@ -43,7 +43,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..codec import MODES, _block_log2
+from ..codec import MODES, block_log2
 from ..exchange import MAX_BUCKETS, MAX_WORLD, Exchange, Plan
 from .ddp import RELEASE_TIMEOUT, VSAState
 
@@ -154,7 +154,7 @@ def reduce_scatter(state: VSAState, inp: torch.Tensor, out: torch.Tensor, *, key
     """
     world = dist.get_world_size(group)
     _check(key, world)
-    plan = Plan.even(inp.numel(), world, _block_log2(state.block_size), MODES[state.mode])
+    plan = Plan.even(inp.numel(), world, block_log2(state.block_size), MODES[state.mode])
     if out.numel() != plan.chunk:
         raise ValueError(f"reduce-scatter output has {out.numel()} elements, the input's "
                          f"shards {plan.chunk}")
@@ -183,7 +183,7 @@ def _all_reduce(state: VSAState, grad: torch.Tensor, key: int, world: int) -> No
     """The two-phase compressed all-reduce of ``grad`` in place, averaged (NO_SHARD)."""
     group = state.process_group
     _check(key, world)
-    plan = Plan.make(grad.numel(), world, _block_log2(state.block_size), MODES[state.mode],
+    plan = Plan.make(grad.numel(), world, block_log2(state.block_size), MODES[state.mode],
                      MODES[state.phase2_mode])
     ex = _exchange(state, plan, group, key)
     x = grad if grad.dtype == torch.float32 else grad.float()
