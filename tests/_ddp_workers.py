@@ -215,7 +215,7 @@ def die_mid_training(rank, world, *, die_rank=1, die_step=5):
 
 def train_with_version(rank, world, *, versions, **kwargs):
     """``train`` with tritter-comm's version number faked per rank (a version-skew job)."""
-    import tritter_comm.hooks.ddp as ddp_mod
+    import tritter_comm.hooks.state as ddp_mod
 
     ddp_mod._version_number = lambda: versions[rank]
     return train(rank, world, **kwargs)

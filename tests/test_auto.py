@@ -190,7 +190,7 @@ def test_choice_is_in_the_state_dict_and_config_is_checked():
     # a checkpoint from before `auto` existed loads into auto=False
     old = dict(sd, config={k: v for k, v in sd["config"].items() if k != "auto"})
     tritter_comm.VSAState(**dict(AUTO, auto=False)).load_state_dict(old)
-    assert tritter_comm.VSAState(auto=True).config()["auto"] is True
+    assert tritter_comm.VSAState(auto=True).config.auto is True
 
 
 def test_ranks_with_different_auto_fail_clearly():

@@ -17,7 +17,9 @@ from .codec import (
 )
 
 from ._teardown import shutdown
+from .config import VSAConfig
 from .hooks import VSAState, vsa_fsdp_hook, vsa_hook
+from .hooks._dispatch import register
 
 __version__ = _native.__version__
 
@@ -43,12 +45,14 @@ __all__ = [
     "MODES",
     "Payload",
     "TritterCommWarning",
+    "VSAConfig",
     "VSAState",
     "body_nbytes",
     "decode",
     "encode",
     "fsdp",
     "optim",
+    "register",
     "get_num_threads",
     "set_num_threads",
     "shutdown",

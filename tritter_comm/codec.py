@@ -28,6 +28,8 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
+#: The package version the native module was built as (ranks compare it).
+PACKAGE_VERSION: str = _native.__version__
 MAGIC = b"TVSA"
 _HEADER = struct.Struct("<4sBBBBQQQ")
 HEADER_NBYTES = _HEADER.size  # 32

@@ -31,12 +31,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .hooks.ddp import VSAState
+from .hooks.state import VSAState
 from .hooks.fsdp import enter, plain, reduce_scatter
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MIN_TORCH", "VSAReduceScatter", "available", "enable"]
+__all__ = ["MIN_TORCH", "VSAReduceScatter", "available", "enable", "module_class"]
 
 #: The first torch release with ``FSDPModule.set_custom_reduce_scatter`` (pytorch#155189).
 MIN_TORCH = "2.9"
@@ -55,6 +55,16 @@ def _api() -> Optional[tuple[type, type]]:
 
 
 _API = _api()
+
+
+def module_class() -> Optional[type]:
+    """torch's ``FSDPModule`` (what ``fully_shard`` makes a module), or None where this torch
+    has no FSDP2."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return None
+    return FSDPModule
 
 
 def available() -> bool:

@@ -3,7 +3,8 @@
 FSDP2 (``fully_shard``) takes a custom reduce-scatter instead: see ``tritter_comm.fsdp``.
 """
 
-from .ddp import VSAState, vsa_hook
+from .ddp import vsa_hook
+from .state import VSAState
 from .fsdp import vsa_fsdp_hook
 
 __all__ = ["VSAState", "vsa_fsdp_hook", "vsa_hook"]

@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import torch
 import torch.distributed as dist
@@ -64,6 +64,16 @@ MARGIN = 0.9
 STEP_MARGIN = 0.97
 
 PLAIN, COMPRESSED = "plain", "compressed"
+
+
+class Launcher(Protocol):
+    """How the DDP hook launches a bucket's exchange (``tritter_comm.hooks.ddp._Launcher``)."""
+
+    def plain(self, bucket: dist.GradBucket) -> torch.futures.Future: ...
+
+    def compressed(self, bucket: dist.GradBucket) -> torch.futures.Future: ...
+
+    def drain(self) -> None: ...
 
 
 class AutoChoice:
@@ -146,9 +156,10 @@ def _measured_step(state: Any, variant: str, seconds: float) -> float:
     return seconds
 
 
-def exchange(state: Any, bucket: dist.GradBucket, world: int) -> Optional[torch.futures.Future]:
-    """The exchange of an eligible bucket under ``auto``, or None for the usual compressed one."""
-    from . import ddp  # import here: ddp imports this module
+def exchange(state: Any, bucket: dist.GradBucket,
+             hook: Launcher) -> Optional[torch.futures.Future]:
+    """The exchange of an eligible bucket under ``auto``, or None for the usual compressed one.
+    ``hook`` launches exchanges the hook's way (``plain``, ``compressed``, ``drain``)."""
 
     auto: AutoChoice = state._auto
     if state._saved_layout is not None:
@@ -168,23 +179,18 @@ def exchange(state: Any, bucket: dist.GradBucket, world: int) -> Optional[torch.
     elif ph[0] == "trial":
         compressed = ph[1] and idx in auto.candidates
     else:
-        return _probe(state, bucket, world, COMPRESSED if ph[1] else PLAIN)
+        return _probe(state, bucket, hook, COMPRESSED if ph[1] else PLAIN)
     if compressed:
         return None
-    return ddp._launch(state, ddp._plain(state, bucket, world))
+    return hook.plain(bucket)
 
 
-def _probe(state: Any, bucket: dist.GradBucket, world: int, variant: str):
-    from . import ddp
-
-    ddp._advance(state, drain=True)  # nothing may overlap what is being timed
+def _probe(state: Any, bucket: dist.GradBucket, hook: Launcher, variant: str):
+    hook.drain()  # nothing may overlap what is being timed
     dist.all_reduce(torch.zeros(1, device=bucket.buffer().device), group=state.process_group)
     t0 = time.perf_counter()
-    if variant == PLAIN:
-        fut = ddp._launch(state, ddp._plain(state, bucket, world))
-    else:
-        fut = ddp._launch(state, ddp._compressed(state, bucket, world))
-    ddp._advance(state, drain=True)
+    fut = hook.plain(bucket) if variant == PLAIN else hook.compressed(bucket)
+    hook.drain()
     idx = bucket.index()
     dt = _measured(state, idx, variant, time.perf_counter() - t0)
     state._auto._times.setdefault(idx, ([], []))[variant == COMPRESSED].append(float(dt))

@@ -1,13 +1,11 @@
 """DDP communication hook: the two-phase compressed all-reduce with error feedback.
 
-    ddp_model.register_comm_hook(VSAState(), vsa_hook)
+    ddp_model.register_comm_hook(VSAState(), vsa_hook)    # or tritter_comm.register(ddp_model)
 
 DDP calls the hook once per bucket, in bucket order, on every rank. The hook issues every
 collective from that call, never from a future callback (PyTorch's PowerSGD hook does, and hangs
-on gloo with two or more buckets): bucket i's ``all_to_all`` is launched in hook(i), and its
-averaging and ``all_gather`` run in hook(i+1), after bucket i+1's ``all_to_all`` is launched, so
-the exchange of one bucket overlaps the backward pass of the next. The last bucket's hook
-drains what is left. Decoding the gathered bytes happens in the ``all_gather``'s callback.
+on gloo with two or more buckets), and completes every bucket's future from its own calls too,
+never on a backend's thread: see "Exchanges in flight" below.
 """
 
 # No `from __future__ import annotations`: DDP checks the hook's annotations at run time.
@@ -20,404 +18,14 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from .. import _native
-from ..codec import DEFAULT_BLOCK_SIZE, MODES, block_log2, mode_id, u64
-from ..exchange import MAX_BUCKETS, MAX_WORLD, Exchange, Plan, Timers
+from ..codec import MODES, block_log2
+from ..exchange import MAX_BUCKETS, MAX_WORLD, Exchange, Plan
 from . import _auto
-from .. import _teardown
+from .state import VSAState
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["VSAState", "vsa_hook"]
-
-_STATE_VERSION = 1
-# Config fields every rank must agree on, in the order they are compared.
-_CONFIG_FIELDS = ("format_version", "package_version", "mode", "block_log2", "seed_lo", "seed_hi",
-                  "start_iter", "min_compress_numel", "error_feedback", "server_error_feedback",
-                  "fixed_keys", "auto", "phase2_mode")
-_CONFIG_ROW_LEN = 32
-
-
-_RESIDUAL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def _version_number() -> int:
-    """tritter-comm's version as one integer (1.2.3 -> 1002003), compared across ranks."""
-    parts = (_native.__version__.split("+")[0].split(".") + ["0", "0"])[:3]
-    return sum(int("".join(c for c in p if c.isdigit()) or 0) * 1000**i
-               for i, p in enumerate(reversed(parts)))
-
-
-_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
-
-
-def _flag(name: str, value: Any) -> bool:
-    """A boolean option: a bool, 0 or 1, or (from a config file or spec) true/false, yes/no,
-    on/off. Anything else is an error, not truthiness: the string "false" must not mean True."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-        return value.strip().lower() in _TRUE
-    raise ValueError(f"{name} must be True or False, got {value!r}")
-
-
-def _config_values(row: list[int]) -> dict[str, Any]:
-    """A config row read back as the options a user passed (names and values)."""
-    v = dict(zip(_CONFIG_FIELDS, row))
-    names = {i: m for m, i in MODES.items()}
-    return {
-        "format_version": v["format_version"],
-        "package_version": v["package_version"],
-        "mode": names.get(v["mode"], v["mode"]),
-        "phase2_mode": names.get(v["phase2_mode"], v["phase2_mode"]),
-        "block_size": 1 << v["block_log2"],
-        "seed": v["seed_lo"] | (v["seed_hi"] << 63),
-        **{k: v[k] for k in ("start_iter", "min_compress_numel")},
-        **{k: bool(v[k]) for k in ("error_feedback", "server_error_feedback", "fixed_keys",
-                                   "auto")},
-    }
-
-
-class VSAState:
-    """State of :func:`vsa_hook`: configuration, error-feedback residuals and statistics.
-
-    Args:
-        process_group: the group to reduce over (default: the default group).
-        mode: the quantization of every rank's chunks in phase 1, and of the owners' averages
-            in phase 2 unless ``phase2_mode`` says otherwise: ``"int2"`` (2 bits an element,
-            the default: 15.7x fewer bytes than fp32), ``"ternary"`` (1.6 bits, 19.6x) or
-            ``"sign"`` (1 bit, 31x). The default is the mode that kept the eval-loss gap under
-            2% on both workloads of benchmarks/convergence.py (300 steps, 3 seeds, gap to
-            uncompressed DDP, server error feedback on): int2 transformer +1.47%, digits
-            -0.25%; ternary +2.89% / -0.26%; ternary then int2 +2.23% / -0.25% (17.4x).
-        phase2_mode: the quantization of phase 2, where each chunk's owner re-encodes the
-            average it computed and every rank decodes it (default: ``mode``). Each phase's
-            quantization adds its own error, so each phase's precision is a knob:
-            ``mode="ternary", phase2_mode="int2"`` sends 1.83 bits an element (17.4x).
-        block_size: Hadamard block size, a power of two from 256 to 65536 (default 1024).
-        seed: shared seed of the keys; every rank must pass the same.
-        start_iter: iterations of plain all-reduce before compression starts. DDP rebuilds its
-            buckets after the first iteration, so residuals keyed by bucket index can start no
-            earlier than iteration 2. The default, 100, comes from benchmarks/convergence.py
-            (transformer, AdamW, 300 steps, 3 seeds, eval-loss gap to uncompressed): ternary
-            +16.9% from iteration 10, +5.7% from 50, +2.9% from 100; int2 +9.0% / +3.3% /
-            +1.6%. Early gradients change fast and error feedback returns what it holds a step
-            late; once Adam's moments settle, compression costs little.
-        min_compress_numel: buckets smaller than this are all-reduced uncompressed: their
-            exchange costs latency, not bandwidth, and the per-chunk block padding would eat
-            the saving. Default 65536 elements (256 KiB of fp32).
-        error_feedback: keep a per-bucket residual of what quantization dropped and send it in
-            later steps (on by default; without it ternary training lags).
-        server_error_feedback: keep the owner's residual of its re-encoding (phase 2) and add
-            it to the next step's average (on by default). It pulls the two workloads apart
-            (300 steps, 3 seeds, gap on / off): transformer int2 +1.47% / +1.25%, ternary
-            +2.89% / +2.06%, ternary then int2 +2.23% / +1.66%; digits int2 -0.25% / +1.51%,
-            ternary -0.26% / +2.35%, ternary then int2 -0.25% / +1.77%. Fed back, phase 2's
-            error arrives a step late (early in training that costs); dropped, it is never
-            made good (near convergence that costs). On bounds the error over long runs.
-        fixed_keys: use the same keys every step (stream = bucket and chunk only) instead of
-            fresh keys each step. Measured the same (ternary +2.83% fixed, +2.85% fresh).
-        auto: measure, in the first compressed steps and every 1000 steps after, what a plain
-            all-reduce and the compressed exchange of each bucket cost on this link, and
-            compress only the buckets where it is faster; every rank makes the same choice.
-            ``stats()["auto"]`` reports it. See ``tritter_comm/hooks/_auto.py``.
-        residual_dtype: ``"float32"`` or ``"bfloat16"``. The client residuals take as much
-            memory as the fp32 gradients they shadow (plus 1/N of that for the server's);
-            bfloat16 halves it, at the cost of rounding what is carried to the next step.
-            Ranks may differ here.
-    """
-
-    __slots__ = (
-        # hyperparameters
-        "process_group",
-        "mode",
-        "phase2_mode",
-        "block_size",
-        "seed",
-        "start_iter",
-        "min_compress_numel",
-        "error_feedback",
-        "server_error_feedback",
-        "fixed_keys",
-        "auto",
-        "residual_dtype",
-        # flags
-        "_config_checked",
-        # internal state
-        "iter",
-        "residuals",
-        "server_residuals",
-        "_pending",
-        "_calls",
-        "_timers",
-        "_bytes_sent",
-        "_bytes_uncompressed",
-        "_steps",
-        "_buckets_compressed",
-        "_buckets_plain",
-        "_layout",
-        "_saved_layout",
-        "_param_ids",
-        "_auto",
-        "_fsdp",
-        "__weakref__",  # tritter_comm.shutdown() and the exit handler track states weakly
-    )
-
-    def __init__(
-        self,
-        process_group: Optional[dist.ProcessGroup] = None,
-        *,
-        mode: str = "int2",
-        block_size: Optional[int] = None,
-        seed: int = 0,
-        start_iter: int = 100,
-        min_compress_numel: int = 65536,
-        error_feedback: bool = True,
-        server_error_feedback: bool = True,
-        fixed_keys: bool = False,
-        auto: bool = False,
-        residual_dtype: str = "float32",
-        phase2_mode: Optional[str] = None,
-    ):
-        mode_id(mode)
-        if phase2_mode is not None:
-            try:
-                mode_id(phase2_mode)
-            except ValueError as e:
-                raise ValueError(f"phase2_mode: {e}") from None
-        phase2_mode = mode if phase2_mode is None else phase2_mode
-        block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
-        block_log2(block_size)
-        u64("seed", seed)
-        if not isinstance(start_iter, int) or start_iter < 2:
-            raise ValueError(
-                f"start_iter must be an int >= 2 (DDP rebuilds its buckets after the first "
-                f"iteration, and residuals are keyed by bucket), got {start_iter!r}"
-            )
-        if not isinstance(min_compress_numel, int) or min_compress_numel < 1:
-            raise ValueError(f"min_compress_numel must be a positive int, got {min_compress_numel!r}")
-        self.process_group = process_group
-        self.mode = mode
-        self.phase2_mode = phase2_mode
-        self.block_size = block_size
-        self.seed = seed
-        self.start_iter = start_iter
-        self.min_compress_numel = min_compress_numel
-        self.error_feedback = _flag("error_feedback", error_feedback)
-        self.server_error_feedback = _flag("server_error_feedback", server_error_feedback)
-        self.fixed_keys = _flag("fixed_keys", fixed_keys)
-        if residual_dtype not in _RESIDUAL_DTYPES:
-            raise ValueError(
-                f"residual_dtype must be one of {sorted(_RESIDUAL_DTYPES)}, got {residual_dtype!r}"
-            )
-        self.residual_dtype = residual_dtype
-        self.auto = _flag("auto", auto)
-        self._auto = _auto.AutoChoice() if self.auto else None
-        # the groups whose ranks were found to agree on the configuration (by id)
-        self._config_checked: set[Optional[int]] = set()
-        self.iter = 0
-        self.residuals: dict[int, torch.Tensor] = {}
-        self.server_residuals: dict[int, torch.Tensor] = {}
-        # buckets whose exchange is in flight, oldest first, and hook calls in this iteration
-        self._pending: list = []
-        self._calls = 0
-        self._timers = Timers()
-        self._bytes_sent = 0
-        self._bytes_uncompressed = 0
-        self._steps = 0
-        self._buckets_compressed = 0
-        self._buckets_plain = 0
-        # Bucket index -> ids of its parameters, to map residuals onto DDP's initial buckets
-        # when a job resumes. A parameter's id is its position in the order DDP's buckets
-        # first list the parameters in a process: the same in every process of the same job.
-        self._layout: dict[int, tuple[int, ...]] = {}
-        self._saved_layout: Optional[dict[int, tuple[int, ...]]] = None
-        self._param_ids: dict[int, int] = {}
-        # The FSDP hooks' per-backward bookkeeping (tritter_comm/hooks/fsdp.py): None until used.
-        self._fsdp = None
-        _teardown.track(self)
-
-    # -- configuration -----------------------------------------------------------------------
-
-    def config(self) -> dict:
-        return {
-            "mode": self.mode,
-            "block_size": self.block_size,
-            "seed": self.seed,
-            "start_iter": self.start_iter,
-            "min_compress_numel": self.min_compress_numel,
-            "error_feedback": self.error_feedback,
-            "server_error_feedback": self.server_error_feedback,
-            "fixed_keys": self.fixed_keys,
-            "auto": self.auto,
-            "residual_dtype": self.residual_dtype,
-            "phase2_mode": self.phase2_mode,
-        }
-
-    def _config_row(self) -> list[int]:
-        row = [_native.FORMAT_VERSION, _version_number(), MODES[self.mode],
-               block_log2(self.block_size),
-               self.seed & 0x7FFFFFFF_FFFFFFFF, self.seed >> 63, self.start_iter,
-               self.min_compress_numel, int(self.error_feedback),
-               int(self.server_error_feedback), int(self.fixed_keys), int(self.auto),
-               MODES[self.phase2_mode]]
-        # A fixed length, so that versions with more fields still gather rows of one size and
-        # fail with the message below (package_version differs), not in the collective.
-        return row + [0] * (_CONFIG_ROW_LEN - len(row))
-
-    def _check_config(self, device: torch.device, group: Any = None) -> None:
-        """All ranks of ``group`` compare their configuration, once per group, before the
-        first exchange branches on it; a difference raises ``ValueError`` on every rank."""
-        gid = None if group is None else id(group)
-        if gid in self._config_checked:
-            return
-        world = dist.get_world_size(group)
-        mine = torch.tensor(self._config_row(), dtype=torch.int64, device=device)
-        rows = torch.empty(world * mine.numel(), dtype=torch.int64, device=device)
-        dist.all_gather_into_tensor(rows, mine, group=group)
-        values = [_config_values(row) for row in rows.view(world, -1).cpu().tolist()]
-        diffs = [
-            f"{name}: " + ", ".join(f"rank {r}={v[name]!r}" for r, v in enumerate(values))
-            for name in values[0]
-            if len({v[name] for v in values}) > 1
-        ]
-        if diffs:
-            raise ValueError(
-                "tritter-comm: ranks were configured differently; every rank must create "
-                "VSAState with the same settings and the same tritter-comm version. Differences: "
-                + "; ".join(diffs)
-            )
-        self._config_checked.add(gid)
-
-    # -- teardown ----------------------------------------------------------------------------
-
-    def close(self) -> None:
-        """Let go of every exchange in flight: wait a bounded time for its collectives, fail
-        its future, drop its buffers. Idempotent; the state stays usable (a later step starts
-        afresh). ``tritter_comm.shutdown()`` calls it for every state in the process."""
-        self._release(None)
-
-    def _release(self, error: Optional[BaseException]) -> None:
-        pending, self._pending = self._pending, []
-        for entry in pending:
-            for op in entry.ops:
-                op.release(RELEASE_TIMEOUT)
-            if not entry.fut.done():
-                entry.fut.set_exception(
-                    error if isinstance(error, Exception)
-                    else RuntimeError("tritter-comm: the hook state was closed with this "
-                                      "bucket's exchange in flight"))
-        self._calls = 0
-
-    # -- statistics and checkpoints ----------------------------------------------------------
-
-    def stats(self) -> dict:
-        """Counters since creation (or the last ``load_state_dict``), per rank.
-
-        ``bytes_sent``: bytes this rank handed to collectives for other ranks (ring formula
-        for all-reduce); ``bytes_uncompressed``: what fp32 ring all-reduce of the same buckets
-        would send.
-        """
-        return {
-            "steps": self._steps,
-            "iter": self.iter,
-            "bytes_sent": self._bytes_sent,
-            "bytes_uncompressed": self._bytes_uncompressed,
-            "compression_ratio": (self._bytes_uncompressed / self._bytes_sent
-                                  if self._bytes_sent else 1.0),
-            "buckets_compressed": self._buckets_compressed,
-            "buckets_uncompressed": self._buckets_plain,
-            "encode_seconds": self._timers.encode_seconds,
-            "decode_seconds": self._timers.decode_seconds,
-            **(_auto.stats(self) if self.auto else {}),
-        }
-
-    def _rank_world(self) -> tuple[int, int]:
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(self.process_group), dist.get_world_size(self.process_group)
-        return -1, -1
-
-    def state_dict(self) -> dict:
-        """Everything needed to resume exactly; loadable with ``torch.load(weights_only=True)``.
-
-        Residuals differ from rank to rank: every rank saves its own state dict (e.g. to
-        ``hook_state_rank{rank}.pt``) and loads it back on the same rank.
-        """
-        rank, world = self._rank_world()
-        return {
-            "version": _STATE_VERSION,
-            "rank": rank,
-            "world_size": world,
-            "config": self.config(),
-            "iter": self.iter,
-            "residuals": {k: v.detach().cpu().clone() for k, v in self.residuals.items()},
-            "server_residuals": {k: v.detach().cpu().clone()
-                                 for k, v in self.server_residuals.items()},
-            "layout": {k: list(v) for k, v in self._layout.items()},
-            "auto": self._auto.state_dict() if self.auto else None,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
-            raise ValueError(
-                f"not a VSAState state dict of version {_STATE_VERSION}: "
-                f"got version {state.get('version') if isinstance(state, dict) else state!r}"
-            )
-        # checkpoints from before `auto` and `residual_dtype` existed
-        saved = {"auto": False, "residual_dtype": "float32", **state["config"]}
-        saved.setdefault("phase2_mode", saved.get("mode"))  # one mode for both phases then
-        diff = {k: (v, saved.get(k)) for k, v in self.config().items() if saved.get(k) != v}
-        if diff:
-            raise ValueError(
-                "checkpoint was saved with a different configuration "
-                + ", ".join(f"{k}: this state {a!r}, checkpoint {b!r}" for k, (a, b) in diff.items())
-            )
-        rank, world = self._rank_world()
-        if rank >= 0 and state.get("rank", -1) >= 0 and (state["rank"], state["world_size"]) != (
-            rank, world
-        ):
-            raise ValueError(
-                f"this hook state was saved by rank {state['rank']} of {state['world_size']}, "
-                f"and is being loaded on rank {rank} of {world}: residuals are per rank, so "
-                "every rank must save and load its own state dict"
-            )
-        self.iter = int(state["iter"])
-        self.residuals = {int(k): v.clone() for k, v in state["residuals"].items()}
-        self.server_residuals = {int(k): v.clone() for k, v in state["server_residuals"].items()}
-        self._layout = {int(k): tuple(int(n) for n in v) for k, v in state["layout"].items()}
-        # DDP starts a new process with its initial buckets and rebuilds them after the first
-        # iteration; until then, buckets are split along the saved layout (see _segments).
-        self._saved_layout = dict(self._layout)
-        self._release(None)
-        if self.auto:
-            self._auto.load_state_dict(state.get("auto"))
-        self._fsdp = None
-
-    def __getstate__(self):
-        # The process group cannot be pickled; the unpickled state uses the default group.
-        return {"config": self.config(), "state": self.state_dict()}
-
-    def __setstate__(self, d):
-        self.__init__(None, **d["config"])
-        self.load_state_dict(d["state"])
-
-    # -- residuals ---------------------------------------------------------------------------
-
-    def _residual(self, store: dict, key: int, n: int, device) -> Optional[torch.Tensor]:
-        r = store.get(key)
-        if r is None or r.numel() != n:
-            if r is not None:
-                # The bucket layout changed (e.g. a resumed job before DDP's rebuild).
-                logger.info("bucket %d changed size (%d -> %d): residual reset", key,
-                            r.numel(), n)
-            r = torch.zeros(n, dtype=_RESIDUAL_DTYPES[self.residual_dtype], device=device)
-            store[key] = r
-        elif r.device != device:
-            r = r.to(device)
-            store[key] = r
-        return r
 
 
 def _world(state: VSAState) -> int:
@@ -426,8 +34,8 @@ def _world(state: VSAState) -> int:
 
 def _future(device: torch.device) -> torch.futures.Future:
     """A future for a result computed on ``device``. On CUDA it is CUDA-aware: ``set_result``
-    records an event on the stream that computed the value (a callback's pool stream), and
-    whoever waits (DDP's reducer) waits for it; a plain future would let DDP read the bucket
+    records an event on the current stream (the one the decode ran on), and whoever waits
+    (DDP's reducer) waits for it; a plain future would let DDP read the bucket
     before the decode wrote it (seen as replicas drifting apart on a GPU)."""
     if device.type == "cuda":
         return torch.futures.Future(devices=[device])
@@ -451,10 +59,6 @@ def _done(value: torch.Tensor) -> torch.futures.Future:
 # whose last collective was launched in an earlier call. The last bucket's hook drains the
 # rest. Every collective is launched from a hook call, in the same order on every rank, and
 # has at least one hook call's worth of backward pass to run behind.
-
-#: Seconds ``close()`` (and a failing step) waits for a collective in flight before it lets go.
-RELEASE_TIMEOUT = 10.0
-
 
 class _Op:
     """One collective exchange of a flat vector ``x``, reduced in place: compressed (``ex``)
@@ -595,6 +199,24 @@ def _compressed(state: VSAState, bucket: dist.GradBucket, world: int) -> _Entry:
     return _Entry(_future(t.device), ops, scatter)
 
 
+class _Launcher:
+    """What ``auto`` (hooks/_auto.py) needs from the hook, so that it does not import it."""
+
+    __slots__ = ("state", "world")
+
+    def __init__(self, state: VSAState, world: int):
+        self.state, self.world = state, world
+
+    def plain(self, bucket: dist.GradBucket) -> torch.futures.Future:
+        return _launch(self.state, _plain(self.state, bucket, self.world))
+
+    def compressed(self, bucket: dist.GradBucket) -> torch.futures.Future:
+        return _launch(self.state, _compressed(self.state, bucket, self.world))
+
+    def drain(self) -> None:
+        _advance(self.state, drain=True)
+
+
 def _launch(state: VSAState, entry: _Entry) -> torch.futures.Future:
     state._pending.append(entry)
     return entry.fut
@@ -648,7 +270,7 @@ def vsa_hook(state: VSAState, bucket: dist.GradBucket) -> torch.futures.Future[t
             fut = _launch(state, _plain(state, bucket, world))
         else:
             t0 = time.perf_counter()
-            fut = _auto.exchange(state, bucket, world) if state.auto else None
+            fut = _auto.exchange(state, bucket, _Launcher(state, world)) if state.auto else None
             if fut is None:  # compressed (auto: a probe step or a plain bucket returns its own)
                 fut = _launch(state, _compressed(state, bucket, world))
             logger.debug("bucket %d: hook %.1f ms", bucket.index(),

@@ -45,7 +45,7 @@ import torch.distributed as dist
 
 from ..codec import MODES, block_log2
 from ..exchange import MAX_BUCKETS, MAX_WORLD, Exchange, Plan
-from .ddp import RELEASE_TIMEOUT, VSAState
+from .state import RELEASE_TIMEOUT, VSAState
 
 logger = logging.getLogger(__name__)
 

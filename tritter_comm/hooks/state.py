@@ -1,0 +1,293 @@
+"""``VSAState``: the state every hook shares (DDP, FSDP1, FSDP2).
+
+The configuration (a :class:`~tritter_comm.VSAConfig`), the check that every rank agrees on it,
+the error-feedback residuals, the exchanges in flight and their release, statistics, and the
+state dict that checkpoints carry.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from .. import _teardown
+from ..codec import FORMAT_VERSION, PACKAGE_VERSION
+from ..config import VSAConfig, field_names
+from ..exchange import Timers
+from . import _auto
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RELEASE_TIMEOUT", "VSAState"]
+
+_STATE_VERSION = 1
+_CONFIG_ROW_LEN = 32
+
+#: Seconds ``close()`` (and a failing step) waits for a collective in flight before it lets go.
+RELEASE_TIMEOUT = 10.0
+
+
+def _version_number() -> int:
+    """tritter-comm's version as one integer (1.2.3 -> 1002003), compared across ranks."""
+    parts = (PACKAGE_VERSION.split("+")[0].split(".") + ["0", "0"])[:3]
+    return sum(int("".join(c for c in p if c.isdigit()) or 0) * 1000**i
+               for i, p in enumerate(reversed(parts)))
+
+
+class VSAState:
+    """State of the hooks (DDP's :func:`~tritter_comm.vsa_hook`, FSDP1's and FSDP2's
+    reduce-scatter): the configuration, error-feedback residuals, exchanges in flight and
+    statistics.
+
+    ``VSAState(process_group=None, config=None, **options)``: ``config`` is a
+    :class:`~tritter_comm.VSAConfig` (default: the defaults), and keyword ``options`` (any of its
+    fields, e.g. ``mode="ternary"``) override it. The options and the measurements behind their
+    defaults are listed in docs/USAGE.md and the README ("Measured"). Every option is readable
+    as an attribute (``state.mode``); ``state.config`` is the whole configuration.
+
+    Args:
+        process_group: the group to reduce over (default: the default group; FSDP2 reduces
+            over the group FSDP hands its reduce-scatter).
+        config: the options; None for the defaults.
+        options: fields of :class:`~tritter_comm.VSAConfig` overriding ``config``.
+    """
+
+    __slots__ = (
+        # hyperparameters
+        "process_group",
+        "config",
+        # flags
+        "_config_checked",
+        # internal state
+        "iter",
+        "residuals",
+        "server_residuals",
+        "_pending",
+        "_calls",
+        "_timers",
+        "_bytes_sent",
+        "_bytes_uncompressed",
+        "_steps",
+        "_buckets_compressed",
+        "_buckets_plain",
+        "_layout",
+        "_saved_layout",
+        "_param_ids",
+        "_auto",
+        "_fsdp",
+        "__weakref__",  # tritter_comm.shutdown() and the exit handler track states weakly
+    )
+
+    def __init__(self, process_group: Optional[dist.ProcessGroup] = None,
+                 config: Optional[VSAConfig] = None, **options: Any):
+        if config is None:
+            config = VSAConfig()
+        elif not isinstance(config, VSAConfig):
+            raise TypeError(f"config must be a tritter_comm.VSAConfig, got "
+                            f"{type(config).__name__} (keyword options go as keywords)")
+        if options.get("block_size", 0) is None:  # None meant the default block size
+            del options["block_size"]
+        self.process_group = process_group
+        self.config = config.replace(**options) if options else config
+        self._auto = _auto.AutoChoice() if self.config.auto else None
+        # the groups whose ranks were found to agree on the configuration (by id)
+        self._config_checked: set[Optional[int]] = set()
+        self.iter = 0
+        self.residuals: dict[int, torch.Tensor] = {}
+        self.server_residuals: dict[int, torch.Tensor] = {}
+        # exchanges in flight (DDP: hooks/ddp.py), oldest first, and hook calls this iteration
+        self._pending: list = []
+        self._calls = 0
+        self._timers = Timers()
+        self._bytes_sent = 0
+        self._bytes_uncompressed = 0
+        self._steps = 0
+        self._buckets_compressed = 0
+        self._buckets_plain = 0
+        # Bucket index -> ids of its parameters, to map residuals onto DDP's initial buckets
+        # when a job resumes. A parameter's id is its position in the order DDP's buckets
+        # first list the parameters in a process: the same in every process of the same job.
+        self._layout: dict[int, tuple[int, ...]] = {}
+        self._saved_layout: Optional[dict[int, tuple[int, ...]]] = None
+        self._param_ids: dict[int, int] = {}
+        # The FSDP hooks' per-backward bookkeeping (hooks/fsdp.py): None until used.
+        self._fsdp = None
+        _teardown.track(self)
+
+    @property
+    def phase2_mode(self) -> str:
+        """The mode of phase 2 (``config.phase2_mode``, else ``mode``)."""
+        return self.config.phase2
+
+    # -- configuration -----------------------------------------------------------------------
+
+    def _config_row(self) -> list[int]:
+        row = [FORMAT_VERSION, _version_number(), *self.config.row()]
+        # A fixed length, so that versions with more fields still gather rows of one size and
+        # fail with the message below (package_version differs), not in the collective.
+        return row + [0] * (_CONFIG_ROW_LEN - len(row))
+
+    def _check_config(self, device: torch.device, group: Any = None) -> None:
+        """All ranks of ``group`` compare their configuration, once per group, before the
+        first exchange branches on it; a difference raises ``ValueError`` on every rank."""
+        gid = None if group is None else id(group)
+        if gid in self._config_checked:
+            return
+        world = dist.get_world_size(group)
+        mine = torch.tensor(self._config_row(), dtype=torch.int64, device=device)
+        rows = torch.empty(world * mine.numel(), dtype=torch.int64, device=device)
+        dist.all_gather_into_tensor(rows, mine, group=group)
+        values = [{"format_version": row[0], "package_version": row[1],
+                   **VSAConfig.read_row(row[2:])} for row in rows.view(world, -1).cpu().tolist()]
+        diffs = [
+            f"{name}: " + ", ".join(f"rank {r}={v[name]!r}" for r, v in enumerate(values))
+            for name in values[0]
+            if len({v[name] for v in values}) > 1
+        ]
+        if diffs:
+            raise ValueError(
+                "tritter-comm: ranks were configured differently; every rank must create "
+                "VSAState with the same settings and the same tritter-comm version. Differences: "
+                + "; ".join(diffs)
+            )
+        self._config_checked.add(gid)
+
+    # -- teardown ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Let go of every exchange in flight: wait a bounded time for its collectives, fail
+        its future, drop its buffers. Idempotent; the state stays usable (a later step starts
+        afresh). ``tritter_comm.shutdown()`` calls it for every state in the process."""
+        self._release(None)
+
+    def _release(self, error: Optional[BaseException]) -> None:
+        pending, self._pending = self._pending, []
+        for entry in pending:
+            for op in entry.ops:
+                op.release(RELEASE_TIMEOUT)
+            if not entry.fut.done():
+                entry.fut.set_exception(
+                    error if isinstance(error, Exception)
+                    else RuntimeError("tritter-comm: the hook state was closed with this "
+                                      "bucket's exchange in flight"))
+        self._calls = 0
+
+    # -- statistics and checkpoints ----------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Counters since creation (or the last ``load_state_dict``), per rank.
+
+        ``bytes_sent``: bytes this rank handed to collectives for other ranks (ring formula
+        for all-reduce); ``bytes_uncompressed``: what fp32 ring all-reduce of the same buckets
+        would send.
+        """
+        return {
+            "steps": self._steps,
+            "iter": self.iter,
+            "bytes_sent": self._bytes_sent,
+            "bytes_uncompressed": self._bytes_uncompressed,
+            "compression_ratio": (self._bytes_uncompressed / self._bytes_sent
+                                  if self._bytes_sent else 1.0),
+            "buckets_compressed": self._buckets_compressed,
+            "buckets_uncompressed": self._buckets_plain,
+            "encode_seconds": self._timers.encode_seconds,
+            "decode_seconds": self._timers.decode_seconds,
+            **(_auto.stats(self) if self.config.auto else {}),
+        }
+
+    def _rank_world(self) -> tuple[int, int]:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(self.process_group), dist.get_world_size(self.process_group)
+        return -1, -1
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume exactly; loadable with ``torch.load(weights_only=True)``.
+
+        Residuals differ from rank to rank: every rank saves its own state dict (e.g. to
+        ``hook_state_rank{rank}.pt``) and loads it back on the same rank.
+        """
+        rank, world = self._rank_world()
+        return {
+            "version": _STATE_VERSION,
+            "rank": rank,
+            "world_size": world,
+            "config": self.config.to_dict(),
+            "iter": self.iter,
+            "residuals": {k: v.detach().cpu().clone() for k, v in self.residuals.items()},
+            "server_residuals": {k: v.detach().cpu().clone()
+                                 for k, v in self.server_residuals.items()},
+            "layout": {k: list(v) for k, v in self._layout.items()},
+            "auto": self._auto.state_dict() if self.config.auto else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            raise ValueError(
+                f"not a VSAState state dict of version {_STATE_VERSION}: "
+                f"got version {state.get('version') if isinstance(state, dict) else state!r}"
+            )
+        # checkpoints from before `auto` and `residual_dtype` existed
+        saved = {"auto": False, "residual_dtype": "float32", **state["config"]}
+        saved.setdefault("phase2_mode", saved.get("mode"))  # one mode for both phases then
+        diff = {k: (v, saved.get(k)) for k, v in self.config.to_dict().items()
+                if saved.get(k) != v}
+        if diff:
+            raise ValueError(
+                "checkpoint was saved with a different configuration "
+                + ", ".join(f"{k}: this state {a!r}, checkpoint {b!r}" for k, (a, b) in diff.items())
+            )
+        rank, world = self._rank_world()
+        if rank >= 0 and state.get("rank", -1) >= 0 and (state["rank"], state["world_size"]) != (
+            rank, world
+        ):
+            raise ValueError(
+                f"this hook state was saved by rank {state['rank']} of {state['world_size']}, "
+                f"and is being loaded on rank {rank} of {world}: residuals are per rank, so "
+                "every rank must save and load its own state dict"
+            )
+        self.iter = int(state["iter"])
+        self.residuals = {int(k): v.clone() for k, v in state["residuals"].items()}
+        self.server_residuals = {int(k): v.clone() for k, v in state["server_residuals"].items()}
+        self._layout = {int(k): tuple(int(n) for n in v) for k, v in state["layout"].items()}
+        # DDP starts a new process with its initial buckets and rebuilds them after the first
+        # iteration; until then, buckets are split along the saved layout (see _segments).
+        self._saved_layout = dict(self._layout)
+        self._release(None)
+        if self.config.auto:
+            self._auto.load_state_dict(state.get("auto"))
+        self._fsdp = None
+
+    def __getstate__(self):
+        # The process group cannot be pickled; the unpickled state uses the default group.
+        return {"config": self.config.to_dict(), "state": self.state_dict()}
+
+    def __setstate__(self, d):
+        self.__init__(None, **d["config"])
+        self.load_state_dict(d["state"])
+
+    # -- residuals ---------------------------------------------------------------------------
+
+    def _residual(self, store: dict, key: int, n: int, device) -> Optional[torch.Tensor]:
+        r = store.get(key)
+        if r is None or r.numel() != n:
+            if r is not None:
+                # The bucket layout changed (e.g. a resumed job before DDP's rebuild).
+                logger.info("bucket %d changed size (%d -> %d): residual reset", key,
+                            r.numel(), n)
+            r = torch.zeros(n, dtype=getattr(torch, self.config.residual_dtype), device=device)
+            store[key] = r
+        elif r.device != device:
+            r = r.to(device)
+            store[key] = r
+        return r
+
+
+# Every option is readable as an attribute of the state (``state.mode``), from its config.
+for _name in field_names():
+    if _name != "phase2_mode":
+        setattr(VSAState, _name, property(lambda self, _n=_name: getattr(self.config, _n),
+                                          doc=f"``config.{_name}``"))
+del _name
