@@ -15,6 +15,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+import tritter_comm
 import tritter_comm.integrations.accelerate as tc_accelerate
 
 
@@ -33,41 +34,44 @@ def main(out, phase):
     accelerator = Accelerator()
     attachment = tc_accelerate.attach(accelerator)  # the one added line
     model, opt = accelerator.prepare(model, opt)
-    rank = accelerator.process_index
-    ckpt = os.path.join(out, "ckpt")
+    try:
+        rank = accelerator.process_index
+        ckpt = os.path.join(out, "ckpt")
 
-    def step(i):
-        x, y = batch(rank, i)
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        accelerator.backward(loss)
-        opt.step()
-        return loss.item()
+        def step(i):
+            x, y = batch(rank, i)
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            accelerator.backward(loss)
+            opt.step()
+            return loss.item()
 
-    losses = []
-    if phase == "full":
-        losses += [step(i) for i in range(6)]
-        accelerator.save_state(ckpt)
-        start = 6
-    else:
-        accelerator.load_state(ckpt)
-        start = 6
-    losses += [step(i) for i in range(start, 10)]
-    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes()
-                                     for p in model.parameters())).hexdigest()
-    state = attachment.states[0]
-    res = {
-        "model_type": type(model).__name__,
-        "states": len(attachment.states),
-        "stats": state.stats(),
-        "iter": state.iter,
-        "residual_sum": float(sum(r.abs().sum() for r in state.residuals.values())),
-        "losses": losses,
-        "digest": digest,
-    }
-    with open(os.path.join(out, f"{phase}_rank{rank}.json"), "w") as f:
-        json.dump(res, f)
-    accelerator.end_training()
+        losses = []
+        if phase == "full":
+            losses += [step(i) for i in range(6)]
+            accelerator.save_state(ckpt)
+            start = 6
+        else:
+            accelerator.load_state(ckpt)
+            start = 6
+        losses += [step(i) for i in range(start, 10)]
+        digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes()
+                                         for p in model.parameters())).hexdigest()
+        state = attachment.states[0]
+        res = {
+            "model_type": type(model).__name__,
+            "states": len(attachment.states),
+            "stats": state.stats(),
+            "iter": state.iter,
+            "residual_sum": float(sum(r.abs().sum() for r in state.residuals.values())),
+            "losses": losses,
+            "digest": digest,
+        }
+        with open(os.path.join(out, f"{phase}_rank{rank}.json"), "w") as f:
+            json.dump(res, f)
+    finally:  # our teardown (issue 14): the DDP model released before the group goes
+        tritter_comm.shutdown(model, destroy_process_group=False)
+        accelerator.end_training()
 
 
 if __name__ == "__main__":

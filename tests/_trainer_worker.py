@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+import tritter_comm
 import tritter_comm.integrations.accelerate as tc_accelerate
 
 
@@ -62,18 +63,21 @@ def main(out, phase):
     attachment = tc_accelerate.attach(trainer)  # the one added line
     probe = Probe(attachment)
     trainer.add_callback(probe)
-    resume = os.path.join(out, "run", "checkpoint-4") if phase == "resume" else None
-    trainer.train(resume_from_checkpoint=resume)
-    rank = trainer.args.process_index
-    model = trainer.model_wrapped
-    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes()
-                                     for p in trainer.model.parameters())).hexdigest()
-    state = attachment.states[0]
-    res = {"model_type": type(model).__name__, "states": len(attachment.states),
-           "stats": state.stats(), "iter": state.iter, "iter_at_begin": probe.iter_at_begin,
-           "digest": digest}
-    with open(os.path.join(out, f"trainer_{phase}_rank{rank}.json"), "w") as f:
-        json.dump(res, f)
+    try:
+        resume = os.path.join(out, "run", "checkpoint-4") if phase == "resume" else None
+        trainer.train(resume_from_checkpoint=resume)
+        rank = trainer.args.process_index
+        model = trainer.model_wrapped
+        digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes()
+                                         for p in trainer.model.parameters())).hexdigest()
+        state = attachment.states[0]
+        res = {"model_type": type(model).__name__, "states": len(attachment.states),
+               "stats": state.stats(), "iter": state.iter, "iter_at_begin": probe.iter_at_begin,
+               "digest": digest}
+        with open(os.path.join(out, f"trainer_{phase}_rank{rank}.json"), "w") as f:
+            json.dump(res, f)
+    finally:  # our teardown (issue 14): Trainer leaves the DDP model and the group alive
+        tritter_comm.shutdown(trainer.model_wrapped)
 
 
 if __name__ == "__main__":
