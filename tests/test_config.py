@@ -52,3 +52,93 @@ def test_json_file_and_shipped_recipe(tmp_path):
 
     c = CommConfig.from_file(ROOT / "launch" / "tritter_comm.yaml")
     assert c.enabled and c.options["mode"] == "int2"
+
+
+# -- VSAConfig --------------------------------------------------------------------------------
+
+import dataclasses  # noqa: E402
+
+import tritter_comm  # noqa: E402
+from tritter_comm import VSAConfig, VSAState  # noqa: E402
+
+
+def _non_defaults():
+    return dict(mode="ternary", phase2_mode="int2", block_size=256, seed=2**64 - 1, start_iter=7,
+                min_compress_numel=3, error_feedback=False, server_error_feedback=False,
+                fixed_keys=True, auto=True, residual_dtype="bfloat16")
+
+
+def test_every_field_round_trips_spec_config_row_config():
+    opts = _non_defaults()
+    assert set(opts) == {f.name for f in dataclasses.fields(VSAConfig)}  # covers every field
+    spec = "vsa:" + ":".join(f"{k}={v!r}" for k, v in opts.items())
+    c = VSAConfig.from_spec(spec)
+    assert c == VSAConfig(**opts) == VSAConfig.from_dict(opts)
+    back = VSAConfig.read_row(c.row())
+    agreed = {k: v for k, v in opts.items() if k != "residual_dtype"}  # ranks may differ there
+    assert back == agreed
+    assert VSAConfig(**back, residual_dtype="bfloat16") == c
+    assert VSAConfig.from_spec(c.describe()) == c
+    assert VSAConfig.from_spec("vsa") == VSAConfig()
+
+
+def test_from_env_and_none():
+    assert VSAConfig.from_env({}) is None
+    assert VSAConfig.from_env({"TRITTER_COMM": "none"}) is None
+    assert VSAConfig.from_env({"TRITTER_COMM": "vsa:seed=4"}) == VSAConfig(seed=4)
+    with pytest.raises(ValueError, match="installs no hook"):
+        VSAConfig.from_spec("none")
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(mode="int3"), "mode must be one of"),
+    (dict(phase2_mode="x"), "phase2_mode"),
+    (dict(block_size=1000), "block"),
+    (dict(seed=-1), "seed"),
+    (dict(start_iter=1), "start_iter must be an int >= 2"),
+    (dict(min_compress_numel=0), "min_compress_numel"),
+    (dict(auto="maybe"), "auto must be True or False"),
+    (dict(residual_dtype="float16"), "residual_dtype"),
+])
+def test_each_bad_value_names_its_field(bad, match):
+    with pytest.raises(ValueError, match=match):
+        VSAConfig(**bad)
+    with pytest.raises(ValueError, match=match):
+        VSAState(**bad)
+
+
+def test_replace_and_unknown_names():
+    c = VSAConfig().replace(mode="sign")
+    assert c.mode == "sign" and c.phase2 == "sign"  # phase 2 follows the mode unless given
+    with pytest.raises(ValueError, match="unknown tritter-comm option.*mdoe"):
+        VSAConfig().replace(mdoe="sign")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.mode = "int2"
+
+
+def test_vsastate_keyword_forms_still_work():
+    s = VSAState(None, mode="ternary", block_size=None, seed=5, start_iter=3, auto="on",
+                 fixed_keys=1, residual_dtype="bfloat16")
+    assert (s.mode, s.phase2_mode, s.block_size, s.seed, s.start_iter, s.auto, s.fixed_keys,
+            s.residual_dtype) == ("ternary", "ternary", 1024, 5, 3, True, True, "bfloat16")
+    s = VSAState(config=VSAConfig(mode="sign"), start_iter=9)  # keywords override the config
+    assert (s.mode, s.start_iter) == ("sign", 9) and s.config == VSAConfig(mode="sign",
+                                                                           start_iter=9)
+    with pytest.raises(TypeError, match="VSAConfig"):
+        VSAState(None, {"mode": "int2"})
+    assert tritter_comm.VSAState().config == VSAConfig()
+
+
+def test_the_option_table_lists_every_field():
+    from tritter_comm.config import options_table
+
+    table = options_table()
+    for f in dataclasses.fields(VSAConfig):
+        assert f"| `{f.name}` |" in table
+
+
+def test_the_docs_show_the_generated_option_table():
+    from _procs import ROOT
+    from tritter_comm.config import options_table
+
+    assert options_table() in (ROOT / "docs" / "USAGE.md").read_text(encoding="utf-8")
