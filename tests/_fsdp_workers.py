@@ -265,7 +265,7 @@ def suite(rank, world, runs, **common):
 def _recording_units():
     """Record the unit key each hook call is booked under, in call order."""
     order: list = []
-    mods = (tritter_comm.hooks.fsdp, tritter_comm.fsdp)
+    mods = (tritter_comm.hooks.fsdp, tritter_comm.hooks.fsdp2)
     orig = tritter_comm.hooks.fsdp.enter
 
     def enter(state, key):

@@ -11,7 +11,7 @@ def test_spec_parses_literals_and_strings():
     c = CommConfig.parse("vsa:mode=int2:start_iter=50:fixed_keys=True:block_size=256")
     assert c.enabled and dict(c.options) == {"mode": "int2", "start_iter": 50, "fixed_keys": True,
                                              "block_size": 256}
-    s = c.make_state()
+    s = c.vsa
     assert (s.mode, s.start_iter, s.fixed_keys, s.block_size) == ("int2", 50, True, 256)
     assert not CommConfig.parse("none").enabled
 

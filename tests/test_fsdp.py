@@ -189,7 +189,7 @@ def test_non_finite_gradient_reaches_every_rank_and_spares_residuals(api):
 
 
 def test_enable_names_the_torch_it_needs(monkeypatch):
-    monkeypatch.setattr(tritter_comm.fsdp, "_API", None)
+    monkeypatch.setattr(tritter_comm.hooks.fsdp2, "_API", None)
     with pytest.raises(RuntimeError, match=r"needs torch 2\.\d+ or newer"):
         tritter_comm.fsdp.enable(nn.Linear(2, 2), tritter_comm.VSAState())
 
@@ -224,3 +224,10 @@ def test_plan_even_keeps_fsdps_shards():
 def test_hook_is_exported():
     assert tritter_comm.hooks.vsa_fsdp_hook is tritter_comm.vsa_fsdp_hook
     assert "vsa_fsdp_hook" in tritter_comm.hooks.__all__
+
+
+def test_an_unknown_unit_is_keyed_by_call_order_with_a_warning():
+    state = tritter_comm.VSAState()
+    with pytest.warns(tritter_comm.TritterCommWarning, match="call order"):
+        assert tritter_comm.hooks.fsdp.enter(state, None) == 0
+    assert tritter_comm.hooks.fsdp.enter(state, None) == 1  # warned once

@@ -17,6 +17,7 @@ from .codec import (
 )
 
 from ._teardown import shutdown
+from ._warnings import TritterCommWarning
 from .config import VSAConfig
 from .hooks import VSAState, vsa_fsdp_hook, vsa_hook
 from .hooks._dispatch import register
@@ -35,8 +36,6 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class TritterCommWarning(UserWarning):
-    """Warnings the package itself raises (tests turn them into errors)."""
 
 
 __all__ = [

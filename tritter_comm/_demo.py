@@ -199,20 +199,29 @@ def _rank_main(rank: int, runs: list, store_path: str, q: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _die_with_parent()
     torch.set_num_threads(1)
+    error = None
     try:
         import torch.distributed as dist
 
         world = runs[0].world
         dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank,
                                 world_size=world, timeout=_dt.timedelta(seconds=120))
-        try:
-            q.put(("ready", rank))
-            for i, run in enumerate(runs):  # one process group for every run: start-up once
-                q.put(("done", rank, i, _train(rank, run, lambda *m, i=i: q.put(("progress", i, *m)))))
-        finally:
-            dist.destroy_process_group()
+        q.put(("ready", rank))
+        for i, run in enumerate(runs):  # one process group for every run: start-up once
+            q.put(("done", rank, i, _train(rank, run, lambda *m, i=i: q.put(("progress", i, *m)))))
     except BaseException:
-        q.put(("error", rank, traceback.format_exc()))
+        error = traceback.format_exc()
+    # Past the except block the traceback, and the models its frames held, are gone: the
+    # teardown that never aborts (issue 14) closes the hook states, collects them, then
+    # destroys the group.
+    try:
+        from ._teardown import shutdown
+
+        shutdown()
+    except BaseException:
+        error = f"{error or ''}teardown failed:\n{traceback.format_exc()}"
+    if error is not None:
+        q.put(("error", rank, error))
 
 
 def _train(rank: int, run: Run, report) -> dict:
@@ -325,6 +334,11 @@ def run_ranks(runs: list, on_message) -> list:
                     raise RankFailure(f"rank {msg[1]} failed:\n{msg[2]}")
             for p in procs:
                 p.join(timeout=30)
+            bad = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode != 0]
+            if bad:  # trained, then died or hung on the way out (issue 14)
+                raise RankFailure("after training, " + ", ".join(
+                    f"rank {i} {'did not exit' if c is None else f'exited with code {c}'}"
+                    for i, c in bad))
         finally:
             stop_processes(procs)
     out = []

@@ -346,14 +346,6 @@ class CommConfig:
         """The :class:`VSAConfig` (None for ``hook: none``)."""
         return VSAConfig(**self.options) if self.enabled else None
 
-    def make_state(self, process_group: Any = None):
-        """A fresh hook state with these options."""
-        if not self.enabled:
-            raise ValueError("this configuration installs no hook (hook: none)")
-        from .hooks.state import VSAState
-
-        return VSAState(process_group, self.vsa)
-
     def replace(self, **options: Any) -> "CommConfig":
         """A copy with ``options`` overriding (``hook=`` included)."""
         hook = options.pop("hook", self.hook)

@@ -14,8 +14,10 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import VSAConfig
+from . import fsdp2
 from .ddp import vsa_hook
 from .fsdp import vsa_fsdp_hook
+from .fsdp2 import module_class
 from .state import VSAState
 
 __all__ = ["register", "wrapper_of"]
@@ -35,8 +37,6 @@ def wrapper_of(model: Any) -> Optional[str]:
 
     if isinstance(model, FullyShardedDataParallel):
         return "fsdp1"
-    from ..fsdp import module_class
-
     fsdp2 = module_class()
     if fsdp2 is not None and any(isinstance(m, fsdp2) for m in model.modules()):
         return "fsdp2"
@@ -70,8 +70,6 @@ def register(model: nn.Module, config: Optional[VSAConfig] = None, *,
         state = VSAState(process_group or inner.process_group, config)
         inner.register_comm_hook(state, vsa_fsdp_hook)
     elif kind == "fsdp2":
-        from .. import fsdp as fsdp2
-
         state = VSAState(process_group, config)
         fsdp2.enable(inner, state)
     else:

@@ -45,6 +45,7 @@ import torch.distributed as dist
 
 from ..codec import MODES, block_log2
 from ..exchange import MAX_BUCKETS, MAX_WORLD, Exchange, Plan
+from .._warnings import warn as _warn
 from .state import RELEASE_TIMEOUT, VSAState
 
 logger = logging.getLogger(__name__)
@@ -88,10 +89,9 @@ def enter(state: VSAState, key: Optional[int]) -> int:
         bw = state._fsdp = _Backward()
     if key is None:
         if not bw.warned:
-            logger.warning("tritter-comm: could not tell which FSDP unit is being reduced "
-                           "(torch %s); residuals are keyed by call order, which is right only "
-                           "while every backward reduces the units in the same order",
-                           torch.__version__)
+            _warn(f"tritter-comm: could not tell which FSDP unit is being reduced (torch "
+                  f"{torch.__version__}); residuals are keyed by call order, which is right "
+                  "only while every backward reduces the units in the same order")
             bw.warned = True
         key = bw.calls
     elif key in bw.seen:

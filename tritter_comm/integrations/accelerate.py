@@ -48,8 +48,10 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from .._warnings import warn as _warn
 from ..config import CommConfig, from_env
-from ..hooks import VSAState, vsa_hook
+from ..hooks import VSAState
+from ..hooks._dispatch import register, wrapper_of
 
 logger = logging.getLogger(__name__)
 
@@ -73,17 +75,6 @@ def _resolve(config: Union[None, str, dict, CommConfig]) -> Optional[CommConfig]
     if isinstance(config, dict):
         return CommConfig.from_mapping(config, source="attach(config=...)")
     raise TypeError(f"config must be a spec string, a dict or a CommConfig, got {type(config).__name__}")
-
-
-def _fsdp2_module_class():
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        try:
-            from torch.distributed._composable.fsdp import FSDPModule
-        except ImportError:
-            return None
-    return FSDPModule
 
 
 class Attachment:
@@ -126,41 +117,11 @@ class Attachment:
         return state
 
     def _install(self, model: nn.Module) -> Optional[VSAState]:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        if isinstance(model, DDP):
-            state = self.config.make_state(model.process_group)
-            model.register_comm_hook(state, vsa_hook)
-            return state
-        if isinstance(model, FSDP1):
-            try:
-                from ..hooks import vsa_fsdp_hook
-            except ImportError as e:
-                raise RuntimeError(
-                    "tritter-comm: accelerate wrapped this model in FSDP (FSDP1), and this "
-                    "version of tritter-comm has no FSDP hook (tritter_comm.hooks.vsa_fsdp_hook). "
-                    "Set TRITTER_COMM=none to train it uncompressed, or use DDP."
-                ) from e
-            state = self.config.make_state(getattr(model, "process_group", None))
-            model.register_comm_hook(state, vsa_fsdp_hook)
-            return state
-        fsdp2 = _fsdp2_module_class()
-        if fsdp2 is not None and any(isinstance(m, fsdp2) for m in model.modules()):
-            try:
-                from ..fsdp import enable
-            except ImportError as e:
-                raise RuntimeError(
-                    "tritter-comm: accelerate sharded this model with FSDP2 (fully_shard), and "
-                    "this version of tritter-comm has no FSDP2 support (tritter_comm.fsdp.enable). "
-                    "Set TRITTER_COMM=none to train it uncompressed, or use DDP."
-                ) from e
-            state = self.config.make_state(None)
-            enable(model, state)
-            return state
-        logger.info("tritter-comm: %s is not wrapped for data parallelism (one process?); "
-                    "nothing to compress", type(model).__name__)
-        return None
+        if wrapper_of(model) is None:
+            logger.info("tritter-comm: %s is not wrapped for data parallelism (one process?); "
+                        "nothing to compress", type(model).__name__)
+            return None
+        return register(model, self.config.vsa)
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -269,9 +230,9 @@ def attach(target: Any, config: Union[None, str, dict, CommConfig] = None) -> At
     attachment = Attachment(accelerator, cfg)
     accelerator._tritter_comm = attachment
     if cfg is None:
-        logger.warning("tritter-comm: attach() found no configuration (TRITTER_COMM and "
-                       "TRITTER_COMM_CONFIG are unset): gradients go uncompressed. Set "
-                       "TRITTER_COMM=vsa to compress.")
+        _warn("tritter-comm: attach() found no configuration (TRITTER_COMM and "
+              "TRITTER_COMM_CONFIG are unset): gradients go uncompressed. Set TRITTER_COMM=vsa "
+              "to compress, or pass the configuration to attach().")
         return attachment
     if not cfg.enabled:
         logger.info("tritter-comm: hook none (%s): accelerate's exchange is left alone", cfg.source)
