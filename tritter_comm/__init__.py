@@ -4,8 +4,8 @@ VSA spread (shared random bipolar keys + Walsh-Hadamard) and ternary quantizatio
 trits a byte, with error feedback, behind DDP and FSDP communication hooks.
 """
 
-from . import _native
 from .codec import (
+    PACKAGE_VERSION,
     DEFAULT_BLOCK_SIZE,
     MODES,
     Payload,
@@ -22,7 +22,7 @@ from .config import VSAConfig
 from .hooks import VSAState, vsa_fsdp_hook, vsa_hook
 from .hooks._dispatch import register
 
-__version__ = _native.__version__
+__version__ = PACKAGE_VERSION
 
 
 def __getattr__(name):

@@ -21,20 +21,23 @@ def _info(_args) -> int:
     import numpy
     import torch
 
-    from . import __version__, _native, get_num_threads
+    from . import __version__, get_num_threads
+    from .codec import native_info
+
+    native = native_info()
 
     cuda = torch.cuda.is_available()
     rows = [
         ("tritter-comm", __version__),
-        ("wire format", f"v{_native.FORMAT_VERSION}"),
+        ("wire format", f"v{native['format_version']}"),
         ("python", platform.python_version()),
         ("torch", torch.__version__),
         ("numpy", numpy.__version__),
         ("platform", f"{platform.system()} {platform.machine()}"),
         ("backends", "rust (CPU tensors), torch (" + ("CPU, CUDA" if cuda else "CPU") + ")"),
         ("CUDA", torch.cuda.get_device_name(0) if cuda else "not available"),
-        ("rust kernels", _native.simd_level()),
-        ("CPU features", " ".join(_native.cpu_features()) or "none detected"),
+        ("rust kernels", native["simd_level"]),
+        ("CPU features", " ".join(native["cpu_features"]) or "none detected"),
         ("codec threads", str(get_num_threads())),
         ("distributed", "available" if torch.distributed.is_available() else "not available"),
     ]

@@ -94,6 +94,18 @@ def u64(name: str, v: int) -> int:
     return v
 
 
+def body_len(n: int, mode_id: int, block_log2: int) -> int:
+    """Body bytes of ``n`` elements in the mode and block of these wire ids (the exchange's
+    form of :func:`body_nbytes`)."""
+    return _native.body_nbytes(n, mode_id, block_log2)
+
+
+def native_info() -> dict:
+    """What the Rust core was built with and runs on (``tritter-comm info``)."""
+    return {"format_version": _native.FORMAT_VERSION, "simd_level": _native.simd_level(),
+            "cpu_features": list(_native.cpu_features())}
+
+
 def body_nbytes(n: int, *, mode: str = "ternary", block_size: Optional[int] = None) -> int:
     """Bytes of the scales and packed codes of an ``n``-element vector (the header excluded)."""
     return _native.body_nbytes(n, mode_id(mode), block_log2(block_size))

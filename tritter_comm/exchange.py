@@ -30,8 +30,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import _native
-from .codec import decode_body_into, encode_body_into
+from .codec import body_len, decode_body_into, encode_body_into
 
 #: Streams: bits 0 phase, 1-11 chunk, 12-31 bucket, 32-63 step.
 MAX_WORLD = 1 << 11
@@ -60,7 +59,7 @@ class Plan:
     @staticmethod
     def _slot(chunk: int, mode_id: int, block_log2: int) -> int:
         # slots rounded up to 4 bytes keep every body's f32 scales aligned
-        return -(-_native.body_nbytes(chunk, mode_id, block_log2) // 4) * 4
+        return -(-body_len(chunk, mode_id, block_log2) // 4) * 4
 
     @classmethod
     def make(cls, numel: int, world: int, block_log2: int, mode_id: int,
@@ -93,7 +92,7 @@ class Plan:
     def body_nbytes(self, c: int, phase: int = 0) -> int:
         lo, hi = self.bounds(c)
         mode_id = self.mode2_id if phase else self.mode_id
-        return _native.body_nbytes(hi - lo, mode_id, self.block_log2) if hi > lo else 0
+        return body_len(hi - lo, mode_id, self.block_log2) if hi > lo else 0
 
     @property
     def wire_bytes(self) -> int:
@@ -140,7 +139,7 @@ def _encode(x, slot, *, seed, stream, plan, residual, timers, phase=0) -> bool:
         work = residual.to(x.dtype)
     mode_id = plan.mode2_id if phase else plan.mode_id
     try:
-        encode_body_into(x, slot[: _native.body_nbytes(n, mode_id, plan.block_log2)],
+        encode_body_into(x, slot[: body_len(n, mode_id, plan.block_log2)],
                          seed=seed, stream=stream, mode_id=mode_id,
                          block_log2=plan.block_log2, residual=work,
                          check_finite=work is residual)
@@ -158,7 +157,7 @@ def _decode(slot, out, *, seed, stream, plan, timers, phase=0) -> None:
     t0 = time.perf_counter()
     n = out.numel()
     mode_id = plan.mode2_id if phase else plan.mode_id
-    decode_body_into(slot[: _native.body_nbytes(n, mode_id, plan.block_log2)], out,
+    decode_body_into(slot[: body_len(n, mode_id, plan.block_log2)], out,
                      seed=seed, stream=stream, mode_id=mode_id,
                      block_log2=plan.block_log2)
     timers.decode_seconds += time.perf_counter() - t0
