@@ -40,12 +40,9 @@ _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _DTYPE_OF = {v: k for k, v in _DTYPES.items()}
 BACKENDS = ("auto", "rust", "torch")
 
-#: Elements per block. Chosen from the block sweep of benchmarks/codec.py (16M fp32 elements,
-#: ternary, Rust on 1 thread, AVX-512; benchmarks/results/codec.json): 1024 is the fastest,
-#: 1.72 GB/s encode+decode against 1.65 at 512, 1.33 at 256, 1.57 at 2048, 1.54 at 4096 and 1.19
-#: at 65536 (larger blocks take more passes, over more than L1 holds), and it spends 0.031
-#: bits/element on scales (2% of the payload) against 0.063 at 512 and 0.125 at 256, for a
-#: relative error of 0.4358 against 0.4354 and 0.4348 (0.4362 at 65536).
+#: Elements per block: the fastest block of the sweep in benchmarks/codec.py (larger blocks
+#: take more passes over more than L1 holds), at 0.031 bits an element of scales and the same
+#: error as smaller blocks; the numbers are in benchmarks/results/codec.json.
 DEFAULT_BLOCK_SIZE = 1024
 
 _U64 = 1 << 64

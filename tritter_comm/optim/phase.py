@@ -127,9 +127,8 @@ class PhaseOptimizer:
         optimizer: any ``torch.optim.Optimizer``; its param groups and LR schedulers work as
             usual (build schedulers on ``opt.optimizer``; predicted steps call its ``step``).
         warmup_steps: real steps before the first phase cycle (default 100, as the VSA
-            hook's ``start_iter``: early gradients change fastest and Adam's moments need them.
-            Measured with benchmarks/phase.py, transformer, 2 seeds: predicting from step 20
-            cost +6..9% eval loss, from step 100 +4%).
+            hook's ``start_iter``: early gradients change fastest and Adam's moments need them;
+            README, "Phase-based optimizer").
         full_steps: real steps at the start of each cycle that refresh the history (default 1).
         predict_steps: predicted steps in a cycle, the start value when ``adaptive`` (default 2).
         correct_every: a CORRECT step after every ``correct_every`` predicted steps (default
@@ -149,13 +148,11 @@ class PhaseOptimizer:
             spans about ten real steps).
         fit: ``"line"`` (the least-squares line per element, extrapolated: the design's
             predictor), ``"mean"`` (its weighted mean, slope 0) or ``"zero"`` (no prediction:
-            the wrapped optimizer steps on a zero gradient and coasts on its momentum).
-            Measured with benchmarks/phase.py (3 seeds, fixed cycle, a third of the steps
-            predicted; ``benchmarks/results/phase-fits.json``): on the digits MLP ``line``
-            costs +0.2% eval loss, ``mean`` (decay 0.97) +4.0%, ``zero`` +12%, and skipping
-            the steps outright +14%; on the transformer ``line`` +7.5%, ``mean`` (decay 0.97)
-            +4.4%, ``zero`` +5.4%, skipping +6.3%. ``line`` stays the default; use
-            ``fit="mean", decay=0.97`` where gradients are mostly minibatch noise.
+            the wrapped optimizer steps on a zero gradient and coasts on its momentum). The
+            line carries a step where gradients follow a trend (the MLP) and is worse than
+            skipping where they are mostly minibatch noise (the transformer), where
+            ``fit="mean", decay=0.97`` does better: the measurements are in the README
+            ("Phase-based optimizer") and ``benchmarks/results/phase-fits.json``.
         predict_lr_scale: predicted steps run with every param group's ``lr`` multiplied by
             this (restored right after), in [0, 1] (default 1.0; 0.5 measured no better).
         loss_tolerance: relative rise of the cycle's mean loss that counts as rising
