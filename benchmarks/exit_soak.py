@@ -32,6 +32,7 @@ import concurrent.futures as cf
 import dataclasses
 import importlib.util
 import json
+import os
 import statistics
 import sys
 import threading
@@ -93,7 +94,8 @@ def _run(job: Job, args) -> dict[str, Any]:
     hook, teardown, _ = ROWS[job.row]
     t0 = time.perf_counter()
     ranks = exit_job.launch(job.kind, hook=hook, teardown=teardown, world=args.world,
-                            steps=args.steps, timeout=args.timeout)
+                            steps=args.steps, timeout=args.timeout,
+                            pg_timeout=args.pg_timeout)
     wall = time.perf_counter() - t0
     worst = next((o for o in OUTCOMES if any(r.outcome == o for r in ranks)), "ok")
     return {"index": job.index, "row": job.row, "kind": job.kind, "outcome": worst,
@@ -147,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=150.0,
                     help="seconds before a job's ranks are killed and counted as hung")
+    ap.add_argument("--pg-timeout", type=float, default=60.0,
+                    help="the process group's timeout in the jobs (seconds)")
     ap.add_argument("--out", type=Path,
                     default=Path(__file__).parent / "results" / "exit_soak.json")
     args = ap.parse_args(argv)
@@ -170,13 +174,15 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = {"jobs_per_row": args.jobs, "rows": rows, "kinds": kinds, "skipped": skipped,
                 "concurrency": args.concurrency, "steps": args.steps, "world": args.world,
-                "timeout_s": args.timeout, "hook": exit_job.HOOK, "accelerate_spec": exit_job.SPEC}
-    info = machine("accelerate", uncommitted=_uncommitted())
+                "timeout_s": args.timeout, "pg_timeout_s": args.pg_timeout, "hook": exit_job.HOOK,
+                "accelerate_spec": exit_job.SPEC}
+    info = machine("accelerate", uncommitted=_uncommitted(), loadavg_start=os.getloadavg())
     print(f"exit soak: {args.jobs} jobs x {len(rows)} rows, kinds {','.join(kinds)}, "
           f"{args.world} ranks a job, {args.steps} steps, concurrency {args.concurrency}, "
           f"timeout {args.timeout:.0f} s; torch {info['torch']}, tritter_comm "
           f"{info['tritter_comm']}, accelerate {info['accelerate']}, python {info['python']}, "
-          f"{info['cpu_count']} cpus ({info['cpu_model']})", flush=True)
+          f"{info['cpu_count']} cpus ({info['cpu_model']}), load average "
+          f"{info['loadavg_start'][0]:.1f}", flush=True)
 
     jobs = [Job(i, row, kinds[i % len(kinds)]) for i in range(args.jobs) for row in rows]
     results: list[dict] = []
@@ -209,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     elapsed = time.perf_counter() - t0
+    info["loadavg_end"] = os.getloadavg()  # the machine may be shared: how busy it was
     results.sort(key=lambda r: (r["index"], rows.index(r["row"])))
 
     walls = [r["wall_s"] for r in results]
@@ -222,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     if walls:
         print(f"{len(results)} jobs in {elapsed:.0f} s: {elapsed / len(results):.1f} s a job "
               f"(median job {statistics.median(walls):.1f} s; by kind "
-              + ", ".join(f"{k} {v}" for k, v in per_kind.items()) + ")")
+              + ", ".join(f"{k} {v}" for k, v in per_kind.items())
+              + f"); load average {info['loadavg_start'][0]:.1f} at the start, "
+              f"{info['loadavg_end'][0]:.1f} at the end")
     summary = {
         row: {"jobs": sum(r["row"] == row for r in results),
               **{o: sum(r["row"] == row and r["outcome"] == o for r in results) for o in OUTCOMES},
