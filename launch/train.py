@@ -331,84 +331,92 @@ def params_digest(model) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank, world, device = init_distributed(args.device)
-    size = SIZES[args.size]
-    data = TextData(context=size["model"]["context"],
-                    batch_size=args.batch_size or size["batch"], seed=args.seed)
-    torch.manual_seed(args.seed)
-    model = CharTransformer(**size["model"]).to(device)
-    numel = sum(p.numel() for p in model.parameters())
-    model, state = wrap(model, args, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr or size["lr"], weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.steps))
-    phase = None
-    if args.phase:
-        from tritter_comm.optim import PhaseOptimizer
+    model = None
+    try:
+        size = SIZES[args.size]
+        data = TextData(context=size["model"]["context"],
+                        batch_size=args.batch_size or size["batch"], seed=args.seed)
+        torch.manual_seed(args.seed)
+        model = CharTransformer(**size["model"]).to(device)
+        numel = sum(p.numel() for p in model.parameters())
+        model, state = wrap(model, args, device)
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr or size["lr"], weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.steps))
+        phase = None
+        if args.phase:
+            from tritter_comm.optim import PhaseOptimizer
 
-        kw = {} if args.phase_warmup is None else {"warmup_steps": args.phase_warmup}
-        phase = PhaseOptimizer(opt, **kw)  # steps `opt`; checkpoints keep saving `opt` too
-    log = print if rank == 0 else (lambda *a, **k: None)
-    what = args.comm if args.comm != "vsa" else f"vsa ({comm_config(args).describe()})"
-    log(f"{world} rank(s) on {device.type}, {numel:,} parameters, "
-        f"{'DDP' if args.fsdp == 'none' else args.fsdp.upper()}, exchange: {what}", flush=True)
+            kw = {} if args.phase_warmup is None else {"warmup_steps": args.phase_warmup}
+            phase = PhaseOptimizer(opt, **kw)  # steps `opt`; checkpoints keep saving `opt` too
+        log = print if rank == 0 else (lambda *a, **k: None)
+        what = args.comm if args.comm != "vsa" else f"vsa ({comm_config(args).describe()})"
+        log(f"{world} rank(s) on {device.type}, {numel:,} parameters, "
+            f"{'DDP' if args.fsdp == 'none' else args.fsdp.upper()}, exchange: {what}", flush=True)
 
-    start = 0
-    resume = resolve_resume(args)
-    if resume is not None:
-        start = load_checkpoint(resume, model, opt, sched, state, rank, phase)
-        log(f"resumed from {resume} at step {start}", flush=True)
-    ckpt_root = Path(args.checkpoint_dir) if args.checkpoint_dir else None
-    if ckpt_root is not None and rank == 0:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
+        start = 0
+        resume = resolve_resume(args)
+        if resume is not None:
+            start = load_checkpoint(resume, model, opt, sched, state, rank, phase)
+            log(f"resumed from {resume} at step {start}", flush=True)
+        ckpt_root = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+        if ckpt_root is not None and rank == 0:
+            ckpt_root.mkdir(parents=True, exist_ok=True)
 
-    t0, sent0 = time.perf_counter(), bytes_sent(args, state, numel, world, start)
-    last_eval = None
-    last_loss = float("nan")
-    for step in range(start, args.steps):
-        loss = None
-        if phase is None or phase.needs_backward():
-            # A predicted step (--phase) runs no forward, no backward and no exchange.
-            x, y = (t.to(device) for t in data.batch(rank, world, step))
-            loss = F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            last_loss = loss.item()
-        if step + 1 == args.fail_at_step and rank == world - 1 and first_attempt():
-            print(f"rank {rank}: --fail-at-step {args.fail_at_step}: SIGKILL", flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
-        if phase is None:
-            opt.step()
-        else:
-            phase.step(loss=last_loss if loss is not None else None)
-        sched.step()
-        done = step + 1
-        if done % args.log_every == 0 or done == args.steps:
-            sent = bytes_sent(args, state, numel, world, done) - sent0
-            log(f"step {done:>5}/{args.steps}  loss {last_loss:.4f}  "
-                f"lr {sched.get_last_lr()[0]:.2e}  sent {sent / 1e6:8.2f} MB/rank  "
-                f"{(time.perf_counter() - t0) / (done - start):.3f} s/step", flush=True)
-        if (args.eval_every and done % args.eval_every == 0) or done == args.steps:
-            last_eval = eval_loss(model, data, device)
-            log(f"step {done:>5}  eval loss {last_eval:.4f}", flush=True)
-        if ckpt_root is not None and (
-                (args.checkpoint_every and done % args.checkpoint_every == 0)
-                or done == args.steps):
-            path = save_checkpoint(ckpt_root, done, model, opt, sched, state, rank, phase)
-            log(f"step {done:>5}  checkpoint {path}", flush=True)
+        t0, sent0 = time.perf_counter(), bytes_sent(args, state, numel, world, start)
+        last_eval = None
+        last_loss = float("nan")
+        for step in range(start, args.steps):
+            loss = None
+            if phase is None or phase.needs_backward():
+                # A predicted step (--phase) runs no forward, no backward and no exchange.
+                x, y = (t.to(device) for t in data.batch(rank, world, step))
+                loss = F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                last_loss = loss.item()
+            if step + 1 == args.fail_at_step and rank == world - 1 and first_attempt():
+                print(f"rank {rank}: --fail-at-step {args.fail_at_step}: SIGKILL", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            if phase is None:
+                opt.step()
+            else:
+                phase.step(loss=last_loss if loss is not None else None)
+            sched.step()
+            done = step + 1
+            if done % args.log_every == 0 or done == args.steps:
+                sent = bytes_sent(args, state, numel, world, done) - sent0
+                log(f"step {done:>5}/{args.steps}  loss {last_loss:.4f}  "
+                    f"lr {sched.get_last_lr()[0]:.2e}  sent {sent / 1e6:8.2f} MB/rank  "
+                    f"{(time.perf_counter() - t0) / (done - start):.3f} s/step", flush=True)
+            if (args.eval_every and done % args.eval_every == 0) or done == args.steps:
+                last_eval = eval_loss(model, data, device)
+                log(f"step {done:>5}  eval loss {last_eval:.4f}", flush=True)
+            if ckpt_root is not None and (
+                    (args.checkpoint_every and done % args.checkpoint_every == 0)
+                    or done == args.steps):
+                path = save_checkpoint(ckpt_root, done, model, opt, sched, state, rank, phase)
+                log(f"step {done:>5}  checkpoint {path}", flush=True)
 
-    digest = params_digest(model)
-    summary = {"steps": args.steps, "start": start, "world": world, "comm": args.comm,
-               "fsdp": args.fsdp, "eval_loss": last_eval, "params_sha256": digest,
-               "bytes_sent_per_rank": bytes_sent(args, state, numel, world, args.steps) - sent0,
-               "hook_stats": state.stats() if isinstance(state, tritter_comm.VSAState) else None,
-               "phase_stats": phase.stats() if phase is not None else None}
-    if rank == 0 and args.summary_json:
-        Path(args.summary_json).write_text(json.dumps(summary, indent=1))
-    if phase is not None:
-        st = phase.stats()
-        log(f"phase: {st['backward_skipped']} of {st['steps']} steps predicted (no backward pass, "
-            f"no exchange)", flush=True)
-    log(f"done: eval loss {last_eval:.4f}, params sha256 {digest[:16]}", flush=True)
-    dist.destroy_process_group()
+        digest = params_digest(model)
+        hooked = isinstance(state, tritter_comm.VSAState)
+        summary = {"steps": args.steps, "start": start, "world": world, "comm": args.comm,
+                   "fsdp": args.fsdp, "eval_loss": last_eval, "params_sha256": digest,
+                   "bytes_sent_per_rank": bytes_sent(args, state, numel, world, args.steps)
+                   - sent0,
+                   "hook_stats": state.stats() if hooked else None,
+                   "phase_stats": phase.stats() if phase is not None else None}
+        if rank == 0 and args.summary_json:
+            Path(args.summary_json).write_text(json.dumps(summary, indent=1))
+        if phase is not None:
+            st = phase.stats()
+            log(f"phase: {st['backward_skipped']} of {st['steps']} steps predicted (no backward "
+                f"pass, no exchange)", flush=True)
+        log(f"done: eval loss {last_eval:.4f}, params sha256 {digest[:16]}", flush=True)
+    finally:
+        # our teardown (issue 14): hook states closed, DDP's reducer released and garbage
+        # collected while the interpreter is whole, then the group destroyed; in `finally`,
+        # so that a step that raises ends the same way
+        tritter_comm.shutdown(*[m for m in (model,) if m is not None])
     return 0
 
 
