@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import os
 import platform
 import subprocess
@@ -71,3 +72,20 @@ def machine(*modules: str, **extra: Any) -> dict[str, Any]:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **extra,
     }
+
+
+def teardown(*modules: Any) -> None:
+    """End a rank's distributed work the way that never aborts at exit (issue 14):
+    ``tritter_comm.shutdown(*modules)`` (hook states closed, DDP reducers released, garbage
+    collected, the default group destroyed). Where tritter_comm does not import (the
+    benchmarks' baselines run without it), the same steps without the hook states."""
+    try:
+        from tritter_comm import shutdown
+    except ImportError:
+        import torch.distributed as dist
+
+        gc.collect()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        return
+    shutdown(*modules)

@@ -117,7 +117,7 @@ def step_projection(repeats: int) -> dict[str, Any]:
             out["modes"][mode] = {"exchange_codec_ms": 1e3 * t_ex,
                                   "wire_bytes_per_rank_2_ranks": plan2.wire_bytes}
     finally:
-        torch.distributed.destroy_process_group()
+        _common.teardown()  # our teardown (issue 14): garbage collected, then the group goes
     out["none_wire_bytes_per_rank_2_ranks"] = 4 * n  # ring all-reduce: 2(w-1)/w of the bytes
     proj = {}
     for gbit in (1.0, 10.0):

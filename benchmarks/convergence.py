@@ -187,6 +187,7 @@ def _train_one(rank: int, task: Task, seed: int, q: Any) -> dict[str, Any]:
 
 def _worker(rank: int, task: Any, init_method: str, q: Any, train_one: Any) -> None:
     torch.set_num_threads(1)
+    error = None
     try:
         dist.init_process_group(
             "gloo",
@@ -195,13 +196,18 @@ def _worker(rank: int, task: Any, init_method: str, q: Any, train_one: Any) -> N
             world_size=task.world,
             timeout=_dt.timedelta(seconds=task.collective_timeout_s),
         )
-        try:
-            for seed in task.seeds:
-                q.put(("result", rank, train_one(rank, task, seed, q)))
-        finally:
-            dist.destroy_process_group()
+        for seed in task.seeds:
+            q.put(("result", rank, train_one(rank, task, seed, q)))
     except BaseException:
-        q.put(("error", rank, traceback.format_exc()))
+        error = traceback.format_exc()
+    # past the except block, the traceback and the models its frames held are gone: the
+    # teardown that never aborts at exit (issue 14) then collects them before the group goes
+    try:
+        _common.teardown()
+    except BaseException:
+        error = f"{error or ''}teardown failed:\n{traceback.format_exc()}"
+    if error is not None:
+        q.put(("error", rank, error))
 
 
 # ------------------------------------------------------------------------------- process groups
@@ -252,11 +258,16 @@ def run_ranks(
         elif msg[0] == "error":
             error = f"rank {msg[1]}:\n{msg[2]}"
     for p in procs:
-        p.join(timeout=10 if error is None else 1)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(timeout=5)
+        p.join(timeout=30 if error is None else 1)
+    late = [i for i, p in enumerate(procs) if p.is_alive()]
+    for i in late:
+        procs[i].kill()
+        procs[i].join(timeout=5)
+    if error is None:  # every rank reported: each must also have exited cleanly (issue 14)
+        bad = [f"rank {i} " + ("did not exit within 30 s" if i in late else f"exit {p.exitcode}")
+               for i, p in enumerate(procs) if i in late or p.exitcode != 0]
+        if bad:
+            error = "trained, then failed on the way out: " + ", ".join(bad)
     return per_seed, error
 
 

@@ -42,38 +42,41 @@ def _rank(rank, world, store_path, args, q):
     tritter_comm.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=120))
-    torch.manual_seed(0)
-    layers = [nn.Linear(32, args.width), nn.ReLU()]
-    for _ in range(args.depth):
-        layers += [nn.Linear(args.width, args.width), nn.ReLU()]
-    model = nn.Sequential(*layers, nn.Linear(args.width, 10))
-    ddp = DDP(model, bucket_cap_mb=args.bucket_cap_mb)
-    state = tritter_comm.VSAState(mode=args.mode, start_iter=2, min_compress_numel=1024)
-    ddp.register_comm_hook(state, tritter_comm.vsa_hook)
-    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
-    w = torch.randn(32, 10, generator=torch.Generator().manual_seed(5))
-    g = torch.Generator().manual_seed(rank)
-    rss = []
-    t0 = time.perf_counter()
-    for step in range(args.steps):
-        x = torch.randn(32, 32, generator=g)
-        loss = nn.functional.cross_entropy(ddp(x), (x @ w).argmax(1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % args.sample_every == 0 or step == args.steps - 1:
-            rss.append((step, _rss_mb(), loss.item()))
-    elapsed = time.perf_counter() - t0
-    digest = hashlib.sha256(
-        torch.cat([p.detach().flatten() for p in model.parameters()]).numpy().tobytes()
-    ).hexdigest()
-    nparams = sum(p.numel() for p in model.parameters())
-    res_bytes = sum(r.numel() * r.element_size() for r in state.residuals.values())
-    sres_bytes = sum(r.numel() * r.element_size() for r in state.server_residuals.values())
-    q.put({"rank": rank, "rss": rss, "elapsed_s": elapsed, "digest": digest,
-           "params": nparams, "residual_bytes": res_bytes, "server_residual_bytes": sres_bytes,
-           "buckets": len(state.residuals), "stats": state.stats()})
-    dist.destroy_process_group()
+    ddp = None
+    try:
+        torch.manual_seed(0)
+        layers = [nn.Linear(32, args.width), nn.ReLU()]
+        for _ in range(args.depth):
+            layers += [nn.Linear(args.width, args.width), nn.ReLU()]
+        model = nn.Sequential(*layers, nn.Linear(args.width, 10))
+        ddp = DDP(model, bucket_cap_mb=args.bucket_cap_mb)
+        state = tritter_comm.VSAState(mode=args.mode, start_iter=2, min_compress_numel=1024)
+        ddp.register_comm_hook(state, tritter_comm.vsa_hook)
+        opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
+        w = torch.randn(32, 10, generator=torch.Generator().manual_seed(5))
+        g = torch.Generator().manual_seed(rank)
+        rss = []
+        t0 = time.perf_counter()
+        for step in range(args.steps):
+            x = torch.randn(32, 32, generator=g)
+            loss = nn.functional.cross_entropy(ddp(x), (x @ w).argmax(1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step % args.sample_every == 0 or step == args.steps - 1:
+                rss.append((step, _rss_mb(), loss.item()))
+        elapsed = time.perf_counter() - t0
+        digest = hashlib.sha256(
+            torch.cat([p.detach().flatten() for p in model.parameters()]).numpy().tobytes()
+        ).hexdigest()
+        nparams = sum(p.numel() for p in model.parameters())
+        res_bytes = sum(r.numel() * r.element_size() for r in state.residuals.values())
+        sres_bytes = sum(r.numel() * r.element_size() for r in state.server_residuals.values())
+        q.put({"rank": rank, "rss": rss, "elapsed_s": elapsed, "digest": digest,
+               "params": nparams, "residual_bytes": res_bytes, "server_residual_bytes": sres_bytes,
+               "buckets": len(state.residuals), "stats": state.stats()})
+    finally:  # our teardown (issue 14), also when a step raises
+        tritter_comm.shutdown(*[m for m in (ddp,) if m is not None])
 
 
 def main(argv=None) -> int:
@@ -110,7 +113,14 @@ def main(argv=None) -> int:
             except Exception:
                 pass
         for p in procs:
-            p.join()
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        bad = [f"rank {i} exit {p.exitcode}" for i, p in enumerate(procs) if p.exitcode != 0]
+        if bad:  # trained, then died or hung on the way out (issue 14)
+            print(f"FAILED at exit: {', '.join(bad)}", file=sys.stderr)
+            return 1
     results.sort(key=lambda r: r["rank"])
     identical = len({r["digest"] for r in results}) == 1
     print(f"{args.world} ranks, {args.steps} steps, {results[0]['params']:,} parameters in "

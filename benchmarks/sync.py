@@ -249,15 +249,20 @@ def _train(rank: int, world: int, mode: str, steps: int, h: int, seed: int, size
 def _worker(rank, world, init, q, job):
     torch.set_num_threads(1)
     tritter_comm.set_num_threads(1)
+    error = None
     try:
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
                                 timeout=_dt.timedelta(seconds=120))
-        try:
-            q.put(("ok", rank, _train(rank, world, **job)))
-        finally:
-            dist.destroy_process_group()
+        q.put(("ok", rank, _train(rank, world, **job)))
     except BaseException:
-        q.put(("error", rank, traceback.format_exc()))
+        error = traceback.format_exc()
+    # the traceback's frames (and their models) are gone here: our teardown (issue 14)
+    try:
+        tritter_comm.shutdown()
+    except BaseException:
+        error = f"{error or ''}teardown failed:\n{traceback.format_exc()}"
+    if error is not None:
+        q.put(("error", rank, error))
 
 
 def _free_port() -> int:
@@ -284,9 +289,13 @@ def run_job(world: int, job: dict, timeout: float) -> dict:
             res[rank] = val
     finally:
         for p in procs:
-            p.join(timeout=5)
+            p.join(timeout=30 if len(res) == world else 5)
             if p.is_alive():
                 p.kill()
+                p.join()
+    bad = [f"rank {i} exit {p.exitcode}" for i, p in enumerate(procs) if p.exitcode != 0]
+    if bad:  # trained, then died or hung on the way out (issue 14)
+        raise RuntimeError(f"{job['mode']}: " + ", ".join(bad))
     if len({r["digest"] for r in res.values()}) != 1:
         raise RuntimeError(f"{job['mode']}: replicas differ at the end")
     return res[0]

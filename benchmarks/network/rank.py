@@ -34,7 +34,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-from benchmarks import comm, workloads  # noqa: E402
+from benchmarks import _common, comm, workloads  # noqa: E402
 from benchmarks.convergence import _bucket_sizes, _param_digest  # noqa: E402
 
 
@@ -205,8 +205,8 @@ def main() -> int:
                 return 1
             if rank == 0:
                 _append(spec["results"], row)
-    finally:
-        dist.destroy_process_group()
+    finally:  # our teardown (issue 14): hook states closed, garbage collected, group destroyed
+        _common.teardown()
     return 0
 
 

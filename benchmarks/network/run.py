@@ -196,6 +196,12 @@ def run_group(*, world: int, link: str, wl: str, modes: list[str], net: Optional
             logs = sorted(workdir.glob(f"{tag}.rank*.log"))
             tail = "\n".join(lg.read_text()[-2000:] for lg in logs) if m in errors or error else ""
             rows.append({"label": m, "comm": MODES[m][0], "error": why, "log_tail": tail})
+    bad = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode not in (None, 0)]
+    if error is None and bad:  # every mode reported, then a rank died on the way out (issue 14)
+        exit_error = "rank exited: " + ", ".join(f"rank {r} code {c}" for r, c in bad)
+        print(f"warning: {tag}: {exit_error}", file=sys.stderr)
+        for r in rows:
+            r["exit_error"] = exit_error
     for r in rows:
         r.update(world=world, link=link, workload=wl)
     return rows
