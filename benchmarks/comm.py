@@ -135,17 +135,15 @@ def register(
         )
         ddp_model.register_comm_hook(state, psgd.powerSGD_hook)
         return state
-    # vsa-*
+    # vsa-*: the one dispatch of the package (tritter_comm.register)
     try:
-        from tritter_comm.hooks import VSAState, vsa_hook
+        import tritter_comm
     except Exception as e:
         raise HookUnavailable(
-            f"mode {comm!r} needs tritter_comm.hooks.VSAState and vsa_hook, which do not import "
-            f"({type(e).__name__}: {e}); build the package with `maturin develop` first"
-        ) from e
-    state = VSAState(process_group, **vsa_options(comm, **kw))
-    ddp_model.register_comm_hook(state, vsa_hook)
-    return state
+            f"mode {comm!r} needs tritter_comm, which does not import ({type(e).__name__}: "
+            f"{e}); build the package with `maturin develop` first") from e
+    return tritter_comm.register(ddp_model, tritter_comm.VSAConfig(**vsa_options(comm, **kw)),
+                                 process_group=process_group)
 
 
 def vsa_options(comm: str, **kw: Any) -> dict[str, Any]:

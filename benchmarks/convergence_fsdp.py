@@ -9,9 +9,9 @@ row                         what reduces the gradients
 ==========================  =========================================================================
 none                        DDP's fp32 all-reduce (the baseline every gap is measured against)
 fsdp1-none                  FSDP1 (``FullyShardedDataParallel``, FULL_SHARD, one unit a block), fp32
-fsdp1-vsa-ternary           FSDP1 with ``register_comm_hook(VSAState(), vsa_fsdp_hook)``
+fsdp1-vsa-ternary           FSDP1 with ``tritter_comm.register`` (``vsa_fsdp_hook``)
 fsdp2-none                  FSDP2 (``fully_shard`` on each block and the model), fp32
-fsdp2-vsa-ternary           FSDP2 with ``tritter_comm.fsdp.enable(model, VSAState())``
+fsdp2-vsa-ternary           FSDP2 with ``tritter_comm.register`` (the compressed reduce-scatter)
 ==========================  =========================================================================
 
 ``fsdpN-vsa-int2`` / ``-vsa-sign`` and hook options (``fsdp1-vsa-ternary:start_iter=50``) work as in
@@ -119,14 +119,10 @@ def _train_one(rank: int, task: convergence.Task, seed: int, q: Any) -> dict[str
     state = None
     if mode != "none":
         import tritter_comm
-        import tritter_comm.fsdp
 
         options = {"seed": seed, **task.hook_options}
-        state = tritter_comm.VSAState(**comm.vsa_options(mode, **options))
-        if api == "fsdp1":
-            model.register_comm_hook(state, tritter_comm.vsa_fsdp_hook)
-        else:
-            tritter_comm.fsdp.enable(model, state)
+        state = tritter_comm.register(model, tritter_comm.VSAConfig(**comm.vsa_options(mode,
+                                                                                       **options)))
     opt = torch.optim.AdamW(model.parameters(), lr=w.lr, weight_decay=task.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, convergence._lr_lambda(task))
     eval_at = {round(task.steps * (i + 1) / task.eval_points) for i in range(task.eval_points)}

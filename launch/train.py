@@ -44,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tritter_comm
 from tritter_comm._demo import CharTransformer, TextData, lr_lambda  # the model and the data
-from tritter_comm.config import CommConfig
+from tritter_comm.config import VSAConfig
 
 SIZES = {  # model shape, per-rank batch, learning rate
     "small": dict(model=dict(d_model=128, n_layers=2, n_heads=4, context=64), batch=16, lr=2e-3),
@@ -161,12 +161,11 @@ def attempt_store(timeout: _dt.timedelta) -> dict:
 # ------------------------------------------------------------------------------------ wrapping
 
 
-def comm_config(args) -> CommConfig:
-    config = (CommConfig.from_file(args.comm_config) if args.comm_config
-              else CommConfig("vsa", {}, "flags"))
+def comm_config(args) -> VSAConfig:
+    config = (VSAConfig.from_file(args.comm_config) if args.comm_config else None) or VSAConfig()
     over = {k: v for k, v in (("mode", args.mode), ("start_iter", args.start_iter))
             if v is not None}
-    return config.replace(hook="vsa", **over)
+    return config.replace(**over)
 
 
 def wrap(model, args, device):
@@ -189,41 +188,22 @@ def wrap(model, args, device):
                                        start_powerSGD_iter=args.start_iter or 2,
                                        random_seed=args.seed)
             model.register_comm_hook(state, psgd.powerSGD_hook)
-        elif args.comm == "vsa":
-            state = comm_config(args).make_state()
-            model.register_comm_hook(state, tritter_comm.vsa_hook)
-        return model, state
-    block = type(model.blocks[0])
-    if args.fsdp == "fsdp1":
+    elif args.fsdp == "fsdp1":
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-        model = FSDP(model, auto_wrap_policy=ModuleWrapPolicy({block}), device_id=device,
-                     use_orig_params=True)
-        if args.comm == "vsa":
-            try:
-                from tritter_comm.hooks import vsa_fsdp_hook
-            except ImportError:
-                sys.exit("--fsdp fsdp1 --comm vsa: this tritter-comm has no FSDP hook yet "
-                         "(tritter_comm.hooks.vsa_fsdp_hook); use --comm none")
-            state = comm_config(args).make_state()
-            model.register_comm_hook(state, vsa_fsdp_hook)
-        return model, state
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+        model = FSDP(model, auto_wrap_policy=ModuleWrapPolicy({type(model.blocks[0])}),
+                     device_id=device, use_orig_params=True)
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for b in model.blocks:
-        fully_shard(b, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        for b in model.blocks:
+            fully_shard(b, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     if args.comm == "vsa":
-        try:
-            from tritter_comm.fsdp import enable
-        except ImportError:
-            sys.exit("--fsdp fsdp2 --comm vsa: this tritter-comm has no FSDP2 support yet "
-                     "(tritter_comm.fsdp.enable); use --comm none")
-        state = comm_config(args).make_state()
-        enable(model, state)
+        state = tritter_comm.register(model, comm_config(args))  # the hook for the wrapper
     return model, state
 
 
