@@ -2,14 +2,16 @@
 the Triton kernels against the Rust codec, bit for bit, on CPU tensors. Prints one JSON line,
 the cases of each job.
 
-    python tests/_triton_check.py SECTION:BLOCK_LOG2S[:OPTIONS] ...
+    python tests/_triton_check.py [--cuda] SECTION:BLOCK_LOG2S[:OPTIONS] ...
 
 SECTION is ``encode`` (bodies and residuals), ``decode`` (outputs in every dtype),
 ``decode_sum`` (phase 2's sum of N bodies in rank order), ``nonfinite`` (NaN and Inf, against
 the torch ops where the Rust encoder refuses them) or ``fallback`` (kernels that fail to build).
 OPTIONS, comma-separated: ``plain`` runs the kernels' plain build (codes one byte each, packed
 by the torch ops; butterflies for the levels) instead of the fast one; ``quick`` checks one
-length. One process runs them all: the imports cost seconds.
+length; ``sparse`` one dtype for each block size and mode, in turn. One process runs them all:
+the imports cost seconds. ``--cuda`` runs the kernels on a GPU instead (without
+TRITON_INTERPRET), against the same CPU references.
 """
 
 import json
@@ -46,6 +48,12 @@ def _lengths(b: int) -> list[int]:
 
 
 QUICK = False
+SPARSE = False
+
+
+def _dtypes(blog: int, mode: int) -> tuple:
+    """Every dtype; SPARSE (on a GPU, where each case is a compilation): one, turn about."""
+    return (DTYPES[(blog + mode) % 3],) if SPARSE else DTYPES
 
 
 def _vector(n: int, b: int, dtype, seed: int, scale: float = 3.0) -> torch.Tensor:
@@ -55,6 +63,14 @@ def _vector(n: int, b: int, dtype, seed: int, scale: float = 3.0) -> torch.Tenso
     if n >= 2 * b:
         x[b: 2 * b] = 0.0  # a block of zeros: cnt = 0, scale 0 in ternary
     return x.to(dtype)
+
+
+DEV = torch.device("cpu")  # where the kernels run: the interpreter's CPU, or "cuda" (--cuda)
+
+
+def _on(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` on the kernels' device (the CPU references keep theirs)."""
+    return t.clone().to(DEV)
 
 
 def _kernel(fn):
@@ -70,7 +86,7 @@ def check_encode(blogs):
     for blog in blogs:
         b = 1 << blog
         for mode in (0, 1, 2):
-            for dtype in DTYPES:
+            for dtype in _dtypes(blog, mode):
                 for res in (False, True):
                     for n in _lengths(b):
                         seed = blog * 1000 + mode * 100 + n % 97
@@ -81,14 +97,15 @@ def check_encode(blogs):
                         e = e.to(dtype)
                         kw = dict(seed=11, stream=2**40 + n, mode_id=mode, block_log2=blog)
                         size = tc.body_nbytes(n, mode, blog)
-                        b1, b2 = torch.empty(size, dtype=torch.uint8), torch.full(
-                            (size,), 0xAB, dtype=torch.uint8)
-                        e1, e2 = e.clone(), e.clone()
+                        b1 = torch.empty(size, dtype=torch.uint8)
+                        b2 = _on(torch.full((size,), 0xAB, dtype=torch.uint8))
+                        e1, e2 = e.clone(), _on(e)
                         encode_body_into(x, b1, residual=e1 if res else None, backend="rust", **kw)
                         ran = _kernel(lambda: encode_body_into(
-                            x, b2, residual=e2 if res else None, backend="torch", **kw))
+                            _on(x), b2, residual=e2 if res else None, backend="torch", **kw))
                         cases.append({"case": [blog, mode, str(dtype), res, n],
-                                      "ok": ran and torch.equal(b1, b2) and _same(e1, e2)})
+                                      "ok": ran and torch.equal(b1, b2.cpu())
+                                      and _same(e1, e2.cpu())})
     return cases
 
 
@@ -105,13 +122,14 @@ def check_decode(blogs):
                 # at an odd offset in a larger buffer: the scales need not be 4-aligned
                 buf = torch.zeros(body.numel() + 1, dtype=torch.uint8)
                 buf[1:] = body
-                for dtype in DTYPES:
+                buf = _on(buf)
+                for dtype in _dtypes(blog, mode):
                     y1 = torch.empty(n, dtype=dtype)
-                    y2 = torch.full((n,), 7.0, dtype=dtype)
+                    y2 = _on(torch.full((n,), 7.0, dtype=dtype))
                     decode_body_into(body, y1, backend="rust", **kw)
                     ran = _kernel(lambda: decode_body_into(buf[1:], y2, backend="torch", **kw))
                     cases.append({"case": [blog, mode, str(dtype), n],
-                                  "ok": ran and _same(y1, y2)})
+                                  "ok": ran and _same(y1, y2.cpu())})
                 if n != 2 * b + 77:
                     continue
                 # scales that put w * scale, for w = +-2^k, half-way between two bf16 (or
@@ -120,14 +138,16 @@ def check_decode(blogs):
                 nb = tc.block_sizes(n, blog)[1] + 1
                 for dtype, scale in ((torch.bfloat16, 1 + 2**-7 + 2**-8),
                                      (torch.float16, 1 + 2**-10 + 2**-11)):
+                    if dtype not in _dtypes(blog, mode):
+                        continue
                     tie = body.clone()
                     tie[: 4 * nb].view(torch.float32).fill_(scale * 2**-6)
                     y1 = torch.empty(n, dtype=dtype)
-                    y2 = torch.empty(n, dtype=dtype)
+                    y2 = _on(torch.empty(n, dtype=dtype))
                     decode_body_into(tie, y1, backend="rust", **kw)
-                    ran = _kernel(lambda: decode_body_into(tie, y2, backend="torch", **kw))
+                    ran = _kernel(lambda: decode_body_into(_on(tie), y2, backend="torch", **kw))
                     cases.append({"case": [blog, mode, str(dtype), n, "ties"],
-                                  "ok": ran and _same(y1, y2)})
+                                  "ok": ran and _same(y1, y2.cpu())})
     return cases
 
 
@@ -152,8 +172,11 @@ def check_decode_sum(blogs):
                 for nbodies in (3,) if QUICK else (1, 3):  # a plain decode, and a sum
                     kw = dict(seed=9, stream=2 * n + 1, mode_id=mode, block_log2=blog)
                     buf, slot, size = _bodies(nbodies, n, mode, blog, kw, blog + 10 * mode + n)
-                    for dtype, average in ((torch.float32, False), (torch.float32, True),
-                                           (torch.bfloat16, False), (torch.float16, False)):
+                    outs = ((torch.float32, False), (torch.float32, True),
+                            (torch.bfloat16, False), (torch.float16, False))
+                    if SPARSE:
+                        outs = outs[:2] + ((_dtypes(blog, mode)[0], False),)
+                    for dtype, average in dict.fromkeys(outs):
                         # today's decode-then-sum, on the Rust decoder
                         ref = torch.empty(n, dtype=dtype)
                         tmp = torch.empty(n, dtype=dtype)
@@ -164,8 +187,8 @@ def check_decode_sum(blogs):
                                 ref += tmp
                         if average:
                             ref /= nbodies
-                        got = torch.full((n,), 7.0, dtype=dtype)
-                        ran = _kernel(lambda: decode_sum_into(buf, got, slot=slot,
+                        got = _on(torch.full((n,), 7.0, dtype=dtype))
+                        ran = _kernel(lambda: decode_sum_into(_on(buf), got, slot=slot,
                                                               average=average,
                                                               backend="torch", **kw))
                         # and the CPU form of the same function
@@ -173,7 +196,7 @@ def check_decode_sum(blogs):
                         decode_sum_into(buf, cpu, slot=slot, average=average, backend="rust",
                                         **kw)
                         cases.append({"case": [blog, mode, n, nbodies, str(dtype), average],
-                                      "ok": ran and _same(ref, got) and _same(ref, cpu)})
+                                      "ok": ran and _same(ref, got.cpu()) and _same(ref, cpu)})
     return cases
 
 
@@ -187,7 +210,7 @@ def check_nonfinite(blogs):
         b = 1 << blog
         n = 2 * b + 77
         for mode in (0, 1, 2):
-            for dtype in DTYPES:
+            for dtype in _dtypes(blog, mode):
                 for bad in ("nan", "-inf", "huge"):
                     if bad == "huge" and dtype == torch.float16:
                         continue  # no f16 overflows f32 when spread
@@ -199,13 +222,15 @@ def check_nonfinite(blogs):
                     at = (7, 8, 2 * b + 50, 2 * b + 51) if bad == "huge" else (7, 2 * b + 50)
                     x[list(at)] = {"nan": float("nan"), "-inf": float("-inf"), "huge": 3e38}[bad]
                     kw = dict(seed=2, stream=5, mode=mode, block_log2=blog)
-                    e1, e2 = e.clone(), e.clone()
+                    e1, e2 = e.clone(), _on(e)
                     os.environ["TRITTER_COMM_TRITON"] = "0"
                     b1 = tc.encode_body(x, residual=e1, **kw)
                     got = {}
-                    ran = _kernel(lambda: got.update(body=tc.encode_body(x, residual=e2, **kw)))
+                    ran = _kernel(lambda: got.update(body=tc.encode_body(_on(x), residual=e2,
+                                                                         **kw)))
                     cases.append({"case": ["encode", blog, mode, str(dtype), bad],
-                                  "ok": ran and _same(b1, got["body"]) and _same(e1, e2)})
+                                  "ok": ran and _same(b1, got["body"].cpu())
+                                  and _same(e1, e2.cpu())})
         for mode in (0, 1, 2):
             kw = dict(seed=9, stream=4, mode_id=mode, block_log2=blog)
             buf, slot, size = _bodies(3, n, mode, blog, kw, blog)
@@ -215,26 +240,27 @@ def check_nonfinite(blogs):
             scales[2] = float("inf")  # and its tail Inf
             big = buf[2 * slot: 2 * slot + 4 * nb].view(torch.float32)
             big[1] = 3e38  # body 2: a scale that overflows when the levels are summed
-            for dtype in DTYPES:
+            for dtype in _dtypes(blog, mode):
                 ref = torch.empty(n, dtype=dtype)
                 tmp = torch.empty(n, dtype=dtype)
                 ys = []
                 for j in range(3):
                     y1 = torch.empty(n, dtype=dtype)
                     decode_body_into(buf[j * slot: j * slot + size], y1, backend="rust", **kw)
-                    y2 = torch.empty(n, dtype=dtype)
-                    ran = _kernel(lambda: decode_body_into(buf[j * slot: j * slot + size], y2,
-                                                           backend="torch", **kw))
-                    ys.append(ran and _same(y1, y2))
+                    y2 = _on(torch.empty(n, dtype=dtype))
+                    ran = _kernel(lambda: decode_body_into(_on(buf[j * slot: j * slot + size]),
+                                                           y2, backend="torch", **kw))
+                    ys.append(ran and _same(y1, y2.cpu()))
                     decode_body_into(buf[j * slot: j * slot + size], ref if j == 0 else tmp,
                                      backend="rust", **kw)
                     if j:
                         ref += tmp
-                got = torch.empty(n, dtype=dtype)
-                ran = _kernel(lambda: decode_sum_into(buf, got, slot=slot, backend="torch", **kw))
+                got = _on(torch.empty(n, dtype=dtype))
+                ran = _kernel(lambda: decode_sum_into(_on(buf), got, slot=slot, backend="torch",
+                                                      **kw))
                 cases.append({"case": ["decode", blog, mode, str(dtype)],
-                              "ok": all(ys) and ran and _same(ref, got),
-                              "nan": int(torch.isnan(got.float()).sum())})
+                              "ok": all(ys) and ran and _same(ref, got.cpu()),
+                              "nan": int(torch.isnan(got.float()).sum().cpu())})
     return cases
 
 
@@ -289,13 +315,13 @@ def check_fallback(blogs):
                     e = (0.3 * torch.randn(n, generator=torch.Generator().manual_seed(1))).to(
                         torch.bfloat16)
                     size = tc.body_nbytes(n, mode, blog)
-                    b1, b2 = torch.empty(size, dtype=torch.uint8), torch.empty(size,
-                                                                               dtype=torch.uint8)
-                    e1, e2 = e.clone(), e.clone()
+                    b1, b2 = torch.empty(size, dtype=torch.uint8), _on(torch.empty(
+                        size, dtype=torch.uint8))
+                    e1, e2 = e.clone(), _on(e)
                     encode_body_into(x, b1, residual=e1, backend="rust", **kw)
                     os.environ["TRITTER_COMM_TRITON"] = "0" if what == "off" else "1"
                     before = tt.launches
-                    encode_body_into(x, b2, residual=e2, backend="torch", **kw)
+                    encode_body_into(_on(x), b2, residual=e2, backend="torch", **kw)
                     buf, slot, bsize = _bodies(3, n, mode, blog, kw, mode)
                     ref, tmp = torch.empty(n), torch.empty(n)
                     for j in range(3):
@@ -303,12 +329,13 @@ def check_fallback(blogs):
                                          backend="rust", **kw)
                         if j:
                             ref += tmp
-                    got = torch.empty(n)
-                    decode_sum_into(buf, got, slot=slot, backend="torch", **kw)
+                    got = _on(torch.empty(n))
+                    decode_sum_into(_on(buf), got, slot=slot, backend="torch", **kw)
                     served = tt.launches - before
                     cases.append({
                         "case": [what, blog, mode, rep],
-                        "ok": torch.equal(b1, b2) and _same(e1, e2) and _same(ref, got)
+                        "ok": torch.equal(b1, b2.cpu()) and _same(e1, e2.cpu())
+                        and _same(ref, got.cpu())
                         and served == (2 if what == "fast" else 0),
                         "warnings": len(warnings),
                     })
@@ -321,13 +348,17 @@ def check_fallback(blogs):
 
 
 def main() -> None:
-    global QUICK
+    global QUICK, SPARSE, DEV
+    jobs = sys.argv[1:]
+    if jobs and jobs[0] == "--cuda":  # on a GPU, without the interpreter
+        DEV, jobs = torch.device("cuda"), jobs[1:]
     out = {}
-    for job in sys.argv[1:]:
+    for job in jobs:
         section, blogs, *opts = job.split(":")
         opts = opts[0].split(",") if opts else []
         tt._BUILDS = ("plain",) if "plain" in opts else ("fast", "plain")
         QUICK = "quick" in opts
+        SPARSE = "sparse" in opts
         tt._broken.clear()
         cases = globals()[f"check_{section}"]([int(v) for v in blogs.split(",")])
         out[job] = {"cases": cases, "broken": {str(k): v for k, v in tt._broken.items()}}

@@ -87,3 +87,24 @@ def test_triton_is_not_used_for_cpu_tensors_or_other_block_sizes(monkeypatch):
     assert not tt.available(torch.device("cuda"), 8192)
     monkeypatch.setenv("TRITTER_COMM_TRITON", "0")
     assert not tt.available(torch.device("cuda"), 1024)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a GPU")
+def test_triton_kernels_on_cuda_match_the_rust_codec():
+    # compiled for the GPU (no interpreter): the bits, and that the fast build compiled (a
+    # build that fails falls back, but should not here). Each case is a compilation (about a
+    # second), so one dtype for each block size and mode, in turn ("sparse"): some 150
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "TRITTER_COMM_TRITON")}
+    jobs = ["encode:8,10,12:quick,sparse", "decode:8,10,12:quick,sparse",
+            "decode_sum:8,10,12:quick,sparse", "nonfinite:10:sparse",
+            "encode:10:plain,quick,sparse", "decode_sum:10:plain,quick,sparse", "fallback:10"]
+    out = subprocess.run([sys.executable, str(HERE / "_triton_check.py"), "--cuda", *jobs],
+                         capture_output=True, text=True, env=env, timeout=280, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    for job in jobs:
+        assert res[job]["cases"], job
+        assert [c["case"] for c in res[job]["cases"] if not c["ok"]] == [], job
+        if not job.startswith("fallback"):
+            assert res[job]["broken"] == {}, job
