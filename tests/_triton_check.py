@@ -91,7 +91,7 @@ def check_encode(blogs):
                     for n in _lengths(b):
                         seed = blog * 1000 + mode * 100 + n % 97
                         x = _vector(n, b, dtype, seed)
-                        e = (0.3 * torch.randn(n, generator=torch.Generator().manual_seed(seed + 1)))
+                        e = 0.3 * torch.randn(n, generator=torch.Generator().manual_seed(seed + 1))
                         if n >= 2 * b:
                             e[b: 2 * b] = 0.0  # so that u's block is all zeros too
                         e = e.to(dtype)
