@@ -23,17 +23,19 @@ code, scale or residual depends on), and they are masked out of the sums, counts
 
 The transform of the integer levels (decode, and the residual's ``xhat``) is exact in any
 order; with ``DOT`` it runs as two matrix products ``H_A (V H_B)`` (``V`` the levels as an
-``(A, B)`` matrix), exact in f32, TF32 or bf16 inputs since every input, product and sum is an
-integer below 2^11 (inputs) and 2^24 (sums); otherwise as the butterflies. bf16 and fp16 are
-read and written directly: conversion to f32 is exact, and back rounds to nearest even, with
-NaN kept a quiet NaN as the Rust codec does (``_round``). The kernels are compiled with
-``enable_fp_fusion=False`` so that no multiply and add are fused.
+``(A, B)`` matrix, B <= 64), exact with f32, TF32 or bf16 inputs: every input is an integer of
+at most 8 significant bits (levels, +-1, and the first product's sums, |s| <= 3 * 64), every
+sum an integer below 2^24 (as in ``_torch_codec._wht_levels``); otherwise as the butterflies.
+bf16 and fp16 are read and written directly: conversion to f32 is exact, and back rounds to
+nearest even, with NaN kept a quiet NaN as the Rust codec does (``_round``). The kernels are
+compiled with ``enable_fp_fusion=False`` so that no multiply and add are fused.
 
-Each kernel has two builds: the fast one (codes packed in the kernel, the ternary five to a
-byte with ``tl.gather``; ``DOT``), and the plain one (codes one byte each, packed by
-``_torch_codec._pack``; butterflies): a compiler that cannot build the first falls back to the
-second, and one that builds neither to the torch ops, each logged once. ``TRITON_INTERPRET=1``
-runs the kernels on CPU tensors, which is how the tests check them where there is no GPU.
+Each kernel has two builds: the fast one (``DOT``; the encoder packs the codes itself, the
+ternary five to a byte with ``tl.gather``), and the plain one (butterflies; the encoder writes
+codes one byte each, packed by ``_torch_codec._pack``): a compiler that cannot build the first
+falls back to the second, and one that builds neither to the torch ops, each logged once.
+``TRITON_INTERPRET=1`` runs the kernels on CPU tensors, which is how the tests check them where
+there is no GPU.
 """
 
 from __future__ import annotations
