@@ -3,6 +3,7 @@ the Triton kernels against the Rust codec, bit for bit, on CPU tensors. Prints o
 the cases of each job.
 
     python tests/_triton_check.py [--cuda] SECTION:BLOCK_LOG2S[:OPTIONS] ...
+    python tests/_triton_check.py --compile ARCH
 
 SECTION is ``encode`` (bodies and residuals), ``decode`` (outputs in every dtype),
 ``decode_sum`` (phase 2's sum of N bodies in rank order), ``nonfinite`` (NaN and Inf, against
@@ -11,7 +12,8 @@ OPTIONS, comma-separated: ``plain`` runs the kernels' plain build (codes one byt
 by the torch ops; butterflies for the levels) instead of the fast one; ``quick`` checks one
 length; ``sparse`` one dtype for each block size and mode, in turn. One process runs them all:
 the imports cost seconds. ``--cuda`` runs the kernels on a GPU instead (without
-TRITON_INTERPRET), against the same CPU references.
+TRITON_INTERPRET), against the same CPU references. ``--compile 90`` builds the kernels for
+sm_90 with ``triton.compile`` (no GPU needed, nor the interpreter).
 """
 
 import json
@@ -19,6 +21,7 @@ import os
 import sys
 
 import torch
+import triton
 
 from tritter_comm import _torch_codec as tc
 from tritter_comm import _triton_codec as tt
@@ -347,9 +350,50 @@ def check_fallback(blogs):
     return cases
 
 
+def compile_for(arch: int) -> list:
+    """Build each kernel's fast build (``tl.gather``, ``tl.dot``) for a GPU of compute
+    capability ``arch`` (90: H100, H200) with ``triton.compile``, which needs no GPU: what the
+    interpreter cannot check (shapes and layouts, registers; the plain build is the structure
+    that ran on an H200), with the launcher's constexprs and warps, at the largest block and
+    in a tail. Run without TRITON_INTERPRET."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    def source(fn, pointers: dict, consts: dict):
+        names = fn.arg_names
+        sig = {a: pointers.get(a, "i32") for a in names}
+        sig.update({a: "constexpr" for a in consts})
+        return ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+
+    cases = []
+    for blog, mode, dt, tail, fast in ((12, 0, "bf16", False, True), (8, 2, "fp16", True, True)):
+        shape = tt._shape(blog, mode)
+        p = tt._next_pow2(-(-shape["L"] // tt._PER_BYTE[mode]))
+        for kind, fn, pointers, consts in (
+            ("encode", tt._encode_kernel,
+             {"x_ptr": f"*{dt}", "e_ptr": f"*{dt}", "out_ptr": "*u8", "codes_ptr": "*u8"},
+             dict(HAS_RES=True, TAIL=tail, PACK=fast, DOT=fast, P=p, **shape)),
+            ("decode", tt._decode_kernel, {"body_ptr": "*u8", "out_ptr": f"*{dt}"},
+             dict(TAIL=tail, DOT=fast, AVERAGE=dt == "fp32", **shape)),
+        ):
+            try:
+                src = source(fn, pointers, consts)
+            except (TypeError, AttributeError) as err:  # another triton's internal API
+                return [{"case": [kind], "ok": False, "unsupported": repr(err)}]
+            k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                               options={"enable_fp_fusion": False,
+                                        "num_warps": tt._num_warps(kind, shape["L"])})
+            cases.append({"case": [kind, shape["L"], mode, dt, tail, fast],
+                          "ok": bool(k.asm.get("cubin"))})
+    return cases
+
+
 def main() -> None:
     global QUICK, SPARSE, DEV
     jobs = sys.argv[1:]
+    if jobs and jobs[0] == "--compile":  # for a GPU, without one: python ... --compile 90
+        print(json.dumps({"cases": compile_for(int(jobs[1]))}))
+        return
     if jobs and jobs[0] == "--cuda":  # on a GPU, without the interpreter
         DEV, jobs = torch.device("cuda"), jobs[1:]
     out = {}

@@ -75,6 +75,19 @@ def test_a_kernel_that_cannot_be_built_falls_back_with_the_same_results(results)
                                      for b in ("fast", "plain")}
 
 
+def test_triton_kernels_build_for_sm90_without_a_gpu():
+    # the interpreter does not compile: triton.compile for an H100/H200 does, with no GPU
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "TRITTER_COMM_TRITON")}
+    out = subprocess.run([sys.executable, str(HERE / "_triton_check.py"), "--compile", "90"],
+                         capture_output=True, text=True, env=env, timeout=280, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    cases = json.loads(out.stdout.strip().splitlines()[-1])["cases"]
+    if any("unsupported" in c for c in cases):
+        pytest.skip(f"this triton compiles differently: {cases[0]['unsupported']}")
+    assert len(cases) == 4 and all(c["ok"] for c in cases), cases
+
+
 def test_triton_is_not_used_for_cpu_tensors_or_other_block_sizes(monkeypatch):
     import torch
 
