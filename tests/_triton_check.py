@@ -55,7 +55,8 @@ SPARSE = False
 
 
 def _dtypes(blog: int, mode: int) -> tuple:
-    """Every dtype; SPARSE (on a GPU, where each case is a compilation): one, turn about."""
+    """Every dtype; SPARSE (on a GPU, where each case is a compilation): one, turn about (and
+    the encoder with a residual only, the sum into float32 averaged and into that dtype)."""
     return (DTYPES[(blog + mode) % 3],) if SPARSE else DTYPES
 
 
@@ -90,7 +91,7 @@ def check_encode(blogs):
         b = 1 << blog
         for mode in (0, 1, 2):
             for dtype in _dtypes(blog, mode):
-                for res in (False, True):
+                for res in (True,) if SPARSE else (False, True):
                     for n in _lengths(b):
                         seed = blog * 1000 + mode * 100 + n % 97
                         x = _vector(n, b, dtype, seed)
@@ -178,7 +179,7 @@ def check_decode_sum(blogs):
                     outs = ((torch.float32, False), (torch.float32, True),
                             (torch.bfloat16, False), (torch.float16, False))
                     if SPARSE:
-                        outs = outs[:2] + ((_dtypes(blog, mode)[0], False),)
+                        outs = outs[1:2] + ((_dtypes(blog, mode)[0], False),)
                     for dtype, average in dict.fromkeys(outs):
                         # today's decode-then-sum, on the Rust decoder
                         ref = torch.empty(n, dtype=dtype)

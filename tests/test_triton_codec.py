@@ -105,13 +105,12 @@ def test_triton_is_not_used_for_cpu_tensors_or_other_block_sizes(monkeypatch):
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a GPU")
 def test_triton_kernels_on_cuda_match_the_rust_codec():
     # compiled for the GPU (no interpreter): the bits, and that the fast build compiled (a
-    # build that fails falls back, but should not here). Each case is a compilation (about a
-    # second), so one dtype for each block size and mode, in turn ("sparse"): some 150
+    # build that fails falls back, but should not here). Each new case is a compilation (a
+    # second or more), so one dtype for each block size and mode, in turn ("sparse"): some 60
     env = {k: v for k, v in os.environ.items()
            if k not in ("TRITON_INTERPRET", "TRITTER_COMM_TRITON")}
-    jobs = ["encode:8,10,12:quick,sparse", "decode:8,10,12:quick,sparse",
-            "decode_sum:8,10,12:quick,sparse", "nonfinite:10:sparse",
-            "encode:10:plain,quick,sparse", "decode_sum:10:plain,quick,sparse", "fallback:10"]
+    jobs = ["encode:8,12:quick,sparse", "decode:8,12:quick,sparse",
+            "decode_sum:10:quick,sparse", "nonfinite:10:sparse", "fallback:10"]
     out = subprocess.run([sys.executable, str(HERE / "_triton_check.py"), "--cuda", *jobs],
                          capture_output=True, text=True, env=env, timeout=280, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
