@@ -341,7 +341,7 @@ def encode_body(
     if (_triton_codec.available(x.device, 1 << block_log2) and x.is_contiguous()
             and out.is_contiguous() and (residual is None or residual.is_contiguous())):
         lo = _triton_codec.encode_into(x, residual, out, block_log2=block_log2, mode=mode,
-                                       k1=k1, k2=k2)
+                                       k1=k1, k2=k2, pack_ops=_pack)
     if lo < n:
         _encode_ops(x, residual, out, lo=lo, k1=k1, k2=k2, mode=mode, block_log2=block_log2)
     return out

@@ -397,9 +397,7 @@ def _build_errors() -> tuple:
 
 
 def _encode_launch(x, residual, out, *, tail: bool, nfull: int, n: int, tlen: int, pk0: int,
-                   shape: dict, k1: int, k2: int) -> bool:
-    from ._torch_codec import _pack as _pack_ops  # the plain build's packing (no import cycle)
-
+                   shape: dict, k1: int, k2: int, pack_ops) -> bool:
     length, mode, pb = shape["L"], shape["MODE"], shape["PB"]
     rows = 1 if tail else nfull
     for build in _BUILDS:
@@ -422,21 +420,23 @@ def _encode_launch(x, residual, out, *, tail: bool, nfull: int, n: int, tlen: in
         if not fast:
             lo = pk0 + nfull * pb
             if tail:
-                packed = _pack_ops(codes[:, :tlen], mode).reshape(-1)
+                packed = pack_ops(codes[:, :tlen], mode).reshape(-1)
                 out[lo:lo + packed.numel()].copy_(packed)
             else:
-                out[pk0:lo].view(nfull, pb).copy_(_pack_ops(codes, mode))
+                out[pk0:lo].view(nfull, pb).copy_(pack_ops(codes, mode))
         return True
     return False
 
 
 def encode_into(x: torch.Tensor, residual: Optional[torch.Tensor], out: torch.Tensor, *,
-                block_log2: int, mode: int, k1: int, k2: int) -> int:
+                block_log2: int, mode: int, k1: int, k2: int, pack_ops) -> int:
     """Encode 1-D ``x`` (``u = x + residual`` with one, the residual updated in place) into the
     body ``out`` (uint8, ``body_nbytes`` long): the full blocks in one launch, the tail block in
     another. Returns how many leading elements were encoded: ``x.numel()``, or, where a kernel
     could not be built (logged once), 0 or the full blocks' ``nfull * L`` (the caller encodes
-    the rest with the torch ops; nothing of the rest was written)."""
+    the rest with the torch ops; nothing of the rest was written). ``pack_ops`` packs a
+    ``(rows, L)`` uint8 tensor of codes into ``(rows, packed bytes)`` (``_torch_codec._pack``,
+    passed in: this module imports nothing of the package), for the plain build."""
     global launches
     n = x.numel()
     shape = _shape(block_log2, mode)
@@ -444,7 +444,7 @@ def encode_into(x: torch.Tensor, residual: Optional[torch.Tensor], out: torch.Te
     nfull, r = divmod(n, length)
     tlen = _next_pow2(r) if r else 0
     pk0 = 4 * (nfull + (1 if r else 0))
-    kw = dict(nfull=nfull, n=n, pk0=pk0, shape=shape, k1=k1, k2=k2)
+    kw = dict(nfull=nfull, n=n, pk0=pk0, shape=shape, k1=k1, k2=k2, pack_ops=pack_ops)
     if nfull and not _encode_launch(x, residual, out, tail=False, tlen=length, **kw):
         return 0
     if r and not _encode_launch(x, residual, out, tail=True, tlen=tlen, **kw):

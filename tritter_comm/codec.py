@@ -406,8 +406,10 @@ def decode_sum_into(
     (float32 ``out``) the sum is then divided by N in IEEE division, as ``out /= N`` on a CPU.
 
     CUDA tensors: one Triton kernel that writes the sum once (the torch ops where it is not
-    available). CPU tensors: the Rust decoder, body by body.
+    available). CPU tensors: the Rust decoder, body by body. ``out`` must not overlap
+    ``bodies`` in memory (``ValueError``).
     """
+    _check_disjoint(("bodies", bodies), ("out", out))
     if average and out.dtype != torch.float32:
         raise ValueError(f"average needs a float32 output, got {out.dtype}")
     nbodies = bodies.numel() // slot
