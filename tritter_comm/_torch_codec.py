@@ -320,32 +320,42 @@ def encode_body(
     mode: int,
     block_log2: int,
     residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Encode 1-D ``x`` to a uint8 body on ``x.device``.
+    """Encode 1-D ``x`` to a uint8 body on ``x.device`` (written into ``out`` when given: 1-D
+    contiguous uint8 of ``body_nbytes``; returned).
 
     With ``residual`` (same shape, dtype and device as ``x``), encodes ``u = f32(x) + f32(e)``
-    and updates ``residual`` in place to ``cast(u - xhat)``.
+    and updates ``residual`` in place to ``cast(u - xhat)``. CUDA tensors run the Triton kernels
+    (``_triton_codec``) where they are available, the same bytes and residual; the torch ops
+    below encode whatever they did not.
     """
     _check(mode, block_log2)
     n = x.numel()
+    if out is None:
+        out = torch.empty(body_nbytes(n, mode, block_log2), dtype=torch.uint8, device=x.device)
+    if n == 0:
+        return out
+    k1, k2 = stream_keys(seed, stream)
+    lo = 0
+    if (_triton_codec.available(x.device, 1 << block_log2) and x.is_contiguous()
+            and out.is_contiguous() and (residual is None or residual.is_contiguous())):
+        lo = _triton_codec.encode_into(x, residual, out, block_log2=block_log2, mode=mode,
+                                       k1=k1, k2=k2, pack_ops=_pack)
+    if lo < n:
+        _encode_ops(x, residual, out, lo=lo, k1=k1, k2=k2, mode=mode, block_log2=block_log2)
+    return out
+
+
+def _encode_ops(x, residual, out, *, lo: int, k1: int, k2: int, mode: int,
+                block_log2: int) -> None:
+    """Encode the blocks of ``x`` from element ``lo`` (0, or the end of the full blocks) on
+    with the torch ops, into their places in the body ``out``."""
+    n = x.numel()
     b, nfull, t = block_sizes(n, block_log2)
     dev = x.device
-    if n == 0:
-        return torch.empty(0, dtype=torch.uint8, device=dev)
+    nb = nfull + (1 if t else 0)
     nf = nfull * b
-    k1, k2 = stream_keys(seed, stream)
-    scales, packed = [], []
-    lo = 0
-    if nfull and _triton_codec.available(dev, b):
-        # the full blocks in one kernel (CUDA); the tail, if any, below
-        done = _triton_codec.encode_full_blocks(
-            x, residual, nfull=nfull, block_log2=block_log2, mode=mode, k1=k1, k2=k2)
-        if done is not None:
-            scales.append(done[0])
-            packed.append(_pack(done[1], mode).reshape(-1))
-            lo = nf
-    if lo == n:
-        return torch.cat([torch.cat(scales).view(torch.uint8), *packed])
     u = x[lo:].to(torch.float32)
     if residual is not None:
         u = u + residual[lo:].to(torch.float32)
@@ -360,6 +370,7 @@ def encode_body(
         ut[0, :r] = u[nf - lo:]
         parts.append((ut, key[nf - lo:].view(1, t), r))
 
+    scales, packed = [], []
     pos = lo
     for ub, kb, cnt in parts:
         z = _wht(ub * kb)
@@ -372,8 +383,10 @@ def encode_body(
             residual[pos : pos + cnt].copy_(e)
         pos += cnt
 
-    scale_bytes = torch.cat(scales).view(torch.uint8)
-    return torch.cat([scale_bytes, *packed])
+    s0 = 4 * (lo // b)
+    p0 = 4 * nb + (lo // b) * _packed_nbytes(b, mode)
+    out[s0 : 4 * nb].copy_(torch.cat(scales).view(torch.uint8))
+    out[p0:].copy_(torch.cat(packed))
 
 
 def _scales_view(body: torch.Tensor, nb: int) -> torch.Tensor:
@@ -392,23 +405,87 @@ def decode_body(
     stream: int,
     mode: int,
     block_log2: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decode a body to a 1-D tensor of length ``n`` and ``dtype`` on ``body.device``."""
+    """Decode a body to a 1-D tensor of length ``n`` and ``dtype`` on ``body.device`` (written
+    into ``out`` when given: 1-D, ``n`` elements of ``dtype``; returned). CUDA tensors run the
+    Triton kernel where it is available."""
+    return decode_sum_into(body, out if out is not None else
+                           torch.empty(n, dtype=dtype, device=body.device),
+                           slot=0, seed=seed, stream=stream, mode=mode, block_log2=block_log2,
+                           nbodies=1)
+
+
+def decode_sum_into(
+    bodies: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    slot: int,
+    seed: int,
+    stream: int,
+    mode: int,
+    block_log2: int,
+    nbodies: int | None = None,
+    average: bool = False,
+) -> torch.Tensor:
+    """Decode the bodies ``bodies[j * slot:]`` (``j = 0 .. nbodies - 1``, by default
+    ``bodies.numel() // slot``), all of ``out.numel()`` elements and one key stream, and write
+    their sum in body order into ``out``, once: exactly what decoding body 0 into ``out``, then
+    each next body into a tensor ``tmp`` of ``out``'s dtype and ``out += tmp`` gives (phase 2 of
+    the exchange, ``Exchange._sum_owned``). With ``average`` (float32 ``out`` only) the sum is
+    then divided by ``nbodies``, in IEEE division, as ``out /= nbodies`` does on a CPU (on CUDA
+    torch multiplies by the reciprocal, which differs in the last bit for some ``nbodies``).
+
+    On CUDA one Triton kernel does it all where the kernels are available; the torch ops do
+    whatever it did not (the same bits). Returns ``out``.
+    """
     _check(mode, block_log2)
-    b, nfull, t = block_sizes(n, block_log2)
-    dev = body.device
-    out = torch.empty(n, dtype=dtype, device=dev)
+    if nbodies is None:
+        nbodies = bodies.numel() // slot
+    if nbodies < 1:
+        raise ValueError(f"need at least one body, got {nbodies}")
+    if average and out.dtype != torch.float32:
+        raise ValueError(f"average needs a float32 output, got {out.dtype}")
+    n = out.numel()
     if n == 0:
         return out
+    k1, k2 = stream_keys(seed, stream)
+    dst = out if out.is_contiguous() else torch.empty_like(out)
+    lo = 0
+    if _triton_codec.available(bodies.device, 1 << block_log2) and bodies.is_contiguous():
+        lo = _triton_codec.decode_into(bodies, dst.view(-1), nbodies=nbodies, stride=slot,
+                                       block_log2=block_log2, mode=mode, k1=k1, k2=k2,
+                                       average=average)
+    if lo < n:
+        acc = dst.view(-1)[lo:]
+        tmp = torch.empty_like(acc) if nbodies > 1 else None
+        for j in range(nbodies):
+            _decode_ops(bodies[j * slot:], acc if j == 0 else tmp, n=n, lo=lo, k1=k1, k2=k2,
+                        mode=mode, block_log2=block_log2)
+            if j:
+                acc += tmp
+        if average:
+            # a device tensor as the divisor: IEEE division on CUDA too
+            acc.div_(torch.full((), float(nbodies), dtype=torch.float32, device=acc.device))
+    if dst is not out:
+        out.copy_(dst)
+    return out
+
+
+def _decode_ops(body, out, *, n: int, lo: int, k1: int, k2: int, mode: int,
+                block_log2: int) -> None:
+    """Decode the blocks of an ``n``-element body from element ``lo`` (0, or the end of the
+    full blocks) on into ``out`` (``n - lo`` elements) with the torch ops."""
+    b, nfull, t = block_sizes(n, block_log2)
+    dev = body.device
     nb = nfull + (1 if t else 0)
     nf = nfull * b
     scales = _scales_view(body, nb)
-    k1, k2 = stream_keys(seed, stream)
-    key = keys(nf + t, k1, k2, dev)
+    key = keys(nf + t - lo, k1, k2, dev, start=lo)
 
-    off = 4 * nb
-    if nfull:
-        pb = _packed_nbytes(b, mode)
+    pb = _packed_nbytes(b, mode)
+    off = 4 * nb + (lo // b) * pb
+    if nfull and lo == 0:
         packed = body[off : off + nfull * pb].view(nfull, pb)
         codes = _unpack(packed, b, mode)
         xhat = _dequantize(codes, scales[:nfull].view(nfull, 1), key[:nf].view(nfull, b), mode)
@@ -418,6 +495,5 @@ def decode_body(
         pt = _packed_nbytes(t, mode)
         packed = body[off : off + pt].view(1, pt)
         codes = _unpack(packed, t, mode)
-        xhat = _dequantize(codes, scales[nfull:].view(1, 1), key[nf:].view(1, t), mode)
-        out[nf:].copy_(xhat[0, : n - nf])
-    return out
+        xhat = _dequantize(codes, scales[nfull:].view(1, 1), key[nf - lo:].view(1, t), mode)
+        out[nf - lo:].copy_(xhat[0, : n - nf])

@@ -1,19 +1,41 @@
-"""The encoder's full blocks as one Triton kernel, for CUDA tensors: bit-identical to
-``_torch_codec`` (and so to the Rust codec), in one pass over the data instead of some fifty
-kernels.
+"""The codec's kernels for CUDA tensors, in Triton: bit-identical to ``_torch_codec`` and to the
+Rust codec (docs/FORMAT.md), one pass over the data instead of some fifty torch kernels.
 
-One program encodes one block of ``L`` elements (256 <= L <= 4096): ``u = x (+ e)``, the keys
-(the same hash, in uint32), the bind, the butterflies in ascending ``h``, the tree sums by
-repeated halving, the scale formulas op by op (IEEE division, ``div_rn``), the codes (one byte
-each; ``_torch_codec._pack`` packs them) and, with a residual, ``e = u - (WHT(level) * scale) *
-key``. Every float operation is the one ``_torch_codec`` does, on the same operands, so the
-results agree bit for bit; the kernels are compiled with ``enable_fp_fusion=False`` so that no
-multiply and add are fused.
+Two kernels, one program per block of ``L`` elements (256 <= L <= 4096):
 
-The butterflies and the tree sums keep the block as one ``(L,)`` vector: a stage views it as
-``(L / 2h, 2, h)``, splits the pairs ``(i, i + h)`` and joins ``(a + b, a - b)`` (the tree sums
-join ``(a + b, a + b)``: every element then holds the sum). ``TRITON_INTERPRET=1`` runs the kernel
-on CPU tensors, which is how the tests check it where there is no GPU.
+- ``_encode_kernel``: ``u = x (+ e)``, the keys (the same hash, in uint32), the bind, the
+  butterflies in ascending ``h``, the tree sums by repeated halving, the scale formulas op by op
+  (IEEE division, ``div_rn``), the codes, packed into the body with the scale (its four bytes),
+  and, with a residual, ``e = cast(u - (WHT(level) * scale) * key)``. Every float operation is
+  the one ``_torch_codec`` does, on the same operands, so the results agree bit for bit.
+- ``_decode_kernel``: for each of ``nbodies`` bodies (``stride`` bytes apart, the same keys),
+  unpack the codes, ``xhat = (WHT(level) * scale) * key``, and sum them in body order into one
+  output written once: ``acc = xhat_0``, then ``acc = acc + xhat_j`` (with a bf16/fp16 output,
+  each term and each partial sum rounded to it, as decoding into the dtype and ``acc += tmp``
+  do). One body is a plain decode; N bodies are phase 2's "decode my chunk's N bodies and sum
+  them in rank order" (``Exchange._sum_owned``), optionally divided by N (IEEE division).
+
+The tail block (``T = next_pow2(n % L)`` elements, zero-padded past ``n``) runs in the same
+kernel at the size ``L`` (``TAIL``, a second launch of one program): positions ``>= T`` hold
+zeros, which leave the first ``T`` outputs of every butterfly stage and of every tree sum what
+the size-``T`` transform gives (``a + 0 = a``; only the sign of a zero can differ, which no
+code, scale or residual depends on), and they are masked out of the sums, counts and codes.
+
+The transform of the integer levels (decode, and the residual's ``xhat``) is exact in any
+order; with ``DOT`` it runs as two matrix products ``H_A (V H_B)`` (``V`` the levels as an
+``(A, B)`` matrix, B <= 64), exact with f32, TF32 or bf16 inputs: every input is an integer of
+at most 8 significant bits (levels, +-1, and the first product's sums, |s| <= 3 * 64), every
+sum an integer below 2^24 (as in ``_torch_codec._wht_levels``); otherwise as the butterflies.
+bf16 and fp16 are read and written directly: conversion to f32 is exact, and back rounds to
+nearest even, with NaN kept a quiet NaN as the Rust codec does (``_round``). The kernels are
+compiled with ``enable_fp_fusion=False`` so that no multiply and add are fused.
+
+Each kernel has two builds: the fast one (``DOT``; the encoder packs the codes itself, the
+ternary five to a byte with ``tl.gather``), and the plain one (butterflies; the encoder writes
+codes one byte each, packed by ``_torch_codec._pack``): a compiler that cannot build the first
+falls back to the second, and one that builds neither to the torch ops, each logged once.
+``TRITON_INTERPRET=1`` runs the kernels on CPU tensors, which is how the tests check them where
+there is no GPU.
 """
 
 from __future__ import annotations
@@ -27,6 +49,7 @@ import torch
 try:  # triton comes with torch's CUDA wheels on Linux; without it CUDA uses the torch codec
     import triton
     import triton.language as tl
+    from triton.errors import TritonError
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
@@ -34,13 +57,17 @@ logger = logging.getLogger(__name__)
 
 MIN_BLOCK, MAX_BLOCK = 256, 4096
 
-launches = 0  # kernel launches in this process (the tests check that the kernel ran)
-_broken: dict = {}  # (block, mode, dtypes) whose kernel failed to build: the torch codec runs
+# encodes and decodes (sums included) served wholly by the kernels in this process, one each,
+# however many launches it took (full blocks, tail): the tests check that the kernels ran
+launches = 0
+_broken: dict = {}  # (kernel, build, block, mode, dtypes, tail) that failed to build: reason
+_PER_BYTE = (5, 8, 4)  # codes per packed byte: ternary, sign, int2
+_BUILDS = ("fast", "plain")  # (packed codes, DOT) and (codes one byte each, butterflies)
 
 
 def available(device: torch.device, block: int) -> bool:
-    """Whether the kernel encodes the full blocks of size ``block`` for tensors on ``device``
-    (``TRITTER_COMM_TRITON=0`` turns it off)."""
+    """Whether the kernels encode and decode blocks of size ``block`` for tensors on
+    ``device`` (``TRITTER_COMM_TRITON=0`` turns them off)."""
     if triton is None or not MIN_BLOCK <= block <= MAX_BLOCK:
         return False
     if os.environ.get("TRITTER_COMM_TRITON", "1") == "0":
@@ -60,115 +87,407 @@ if triton is not None:
         return x ^ (x >> 16)
 
     @triton.jit
-    def _stage(z, h: tl.constexpr, L: tl.constexpr, SUM: tl.constexpr):
-        """One stage at distance ``h``: pairs ``(i, i + h)`` become ``(a + b, a - b)``, or
-        ``(a + b, a + b)`` when ``SUM``."""
-        v = tl.permute(tl.reshape(z, (L // (2 * h), 2, h)), (0, 2, 1))
-        a, b = tl.split(v)
-        s = a + b
-        if SUM:
-            v = tl.join(s, s)
-        else:
-            v = tl.join(s, a - b)
-        return tl.reshape(tl.permute(v, (0, 2, 1)), (L,))
-
-    @triton.jit
-    def _wht(z, L: tl.constexpr, LOG2: tl.constexpr):
-        for s in tl.static_range(LOG2):
-            z = _stage(z, 1 << s, L, False)
-        return z
-
-    @triton.jit
-    def _tree_sum(v, offs, L: tl.constexpr, LOG2: tl.constexpr):
-        """TS of the block: ``v = v[:h] + v[h:]`` for h = L/2, ..., 1, as a scalar."""
-        for s in tl.static_range(LOG2):
-            v = _stage(v, L >> (s + 1), L, True)
-        # every element holds the sum; the others are +0.0 here, and the sums are of values
-        # >= 0, so adding them changes nothing
-        return tl.sum(tl.where(offs == 0, v, 0.0), axis=0)
-
-    @triton.jit(do_not_specialize=["k1", "k2"])
-    def _encode_blocks(x_ptr, e_ptr, codes_ptr, scale_ptr, k1, k2,
-                       L: tl.constexpr, LOG2: tl.constexpr, MODE: tl.constexpr,
-                       HAS_RES: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        offs = tl.arange(0, L)
-        pos = row * L + offs
-        u = tl.load(x_ptr + pos).to(tl.float32)
-        if HAS_RES:
-            u = u + tl.load(e_ptr + pos).to(tl.float32)
-        # keys: word w = pos / 32 hashed twice, bit pos % 32 of it: +1.0 for 0, -1.0 for 1
+    def _keys(pos, k1, k2):
+        """The keys (f32 +-1.0) of padded positions ``pos``: bit ``pos % 32`` of the word
+        ``pos / 32`` hashed twice; +1.0 for 0, -1.0 for 1."""
         w = (pos >> 5).to(tl.uint32)
         w = _mix32(w ^ k1.to(tl.uint32))
         w = _mix32(w + k2.to(tl.uint32))
         bit = ((w >> (pos & 31).to(tl.uint32)) & 1).to(tl.float32)
-        key = bit * -2.0 + 1.0
+        return bit * -2.0 + 1.0
+
+    @triton.jit
+    def _wht(z, L: tl.constexpr, LOG2: tl.constexpr):
+        """The butterflies, stages h = 1, 2, ..., L/2: pairs ``(i, i + h)`` become
+        ``(a + b, a - b)``. The block is one ``(L,)`` vector, viewed as ``(L / 2h, 2, h)``
+        in each stage."""
+        for s in tl.static_range(LOG2):
+            v = tl.reshape(z, (L >> (s + 1), 2, L >> (LOG2 - s)))  # (L / 2h, 2, h), h = 2^s
+            v = tl.permute(v, (0, 2, 1))
+            a, b = tl.split(v)
+            z = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), (L,))
+        return z
+
+    @triton.jit
+    def _hadamard(N: tl.constexpr):
+        """The Sylvester Hadamard matrix of order ``N``: ``(-1)^popcount(i & j)``, f32."""
+        p = tl.arange(0, N)[:, None] & tl.arange(0, N)[None, :]
+        p = p ^ (p >> 8)
+        p = p ^ (p >> 4)
+        p = p ^ (p >> 2)
+        p = p ^ (p >> 1)
+        return 1.0 - 2.0 * (p & 1).to(tl.float32)
+
+    @triton.jit
+    def _wht_levels(v, L: tl.constexpr, LOG2: tl.constexpr, DOT: tl.constexpr,
+                    A: tl.constexpr, BC: tl.constexpr):
+        """``_wht`` of integer levels (|v| <= 3): exact in any order, so with ``DOT`` as the
+        matrix products ``H_A (V H_B)`` of ``V`` = v viewed as ``(A, BC)`` (H_L = H_A kron H_B);
+        inputs below 2^8 and sums below 2^24 are exact under TF32 too."""
+        if DOT:
+            z = tl.dot(tl.reshape(v, (A, BC)), _hadamard(BC))
+            return tl.reshape(tl.dot(_hadamard(A), z), (L,))
+        else:
+            return _wht(v, L, LOG2)
+
+    @triton.jit
+    def _tree_sum(v, L: tl.constexpr, LOG2: tl.constexpr):
+        """TS of the block, as a scalar: ``v = v[:h] + v[h:]`` for h = L/2, ..., 1 (a sum over
+        an axis of two is the one addition ``v[i] + v[i + h]``)."""
+        for s in tl.static_range(LOG2):
+            v = tl.sum(tl.reshape(v, (2, L >> (s + 1))), axis=0)
+        return tl.sum(v, axis=0)
+
+    @triton.jit
+    def _bf16_bits(v):
+        """bf16 bits (in a uint32) of f32 ``v``, rounded to nearest even in integers (the same
+        on a GPU and in the interpreter, whose own cast truncates); NaN stays a quiet NaN with
+        its sign and top payload, as in the Rust codec."""
+        bits = v.to(tl.uint32, bitcast=True)
+        r = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return tl.where(v != v, (bits >> 16) | 0x40, r)
+
+    @triton.jit
+    def _round(v, dtype: tl.constexpr):
+        """f32 ``v`` as ``dtype``, rounded to nearest even; NaN as the Rust codec makes it."""
+        if dtype == tl.bfloat16:
+            return _bf16_bits(v).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        elif dtype == tl.float16:
+            bits = v.to(tl.uint32, bitcast=True)
+            nan = ((bits >> 16) & 0x8000) | 0x7E00 | ((bits & 0x7FFFFF) >> 13)
+            return tl.where(v != v, nan.to(tl.uint16).to(tl.float16, bitcast=True),
+                            v.to(tl.float16))
+        else:
+            return v
+
+    @triton.jit
+    def _rounded(v, dtype: tl.constexpr):
+        """f32 ``v`` rounded to ``dtype`` and back: what a tensor of ``dtype`` holds."""
+        if dtype == tl.bfloat16:
+            return (_bf16_bits(v) << 16).to(tl.float32, bitcast=True)
+        elif dtype == tl.float16:
+            return _round(v, dtype).to(tl.float32)
+        else:
+            return v
+
+    @triton.jit
+    def _pack(codes, L: tl.constexpr, MODE: tl.constexpr, P: tl.constexpr):
+        """The packed bytes (int32, ``P`` of them, the first ``ceil(L / per byte)`` meant) of
+        one block's codes; codes past the block must be 0."""
+        if MODE == 0:  # base 3, five a byte: byte j gathers codes 5j .. 5j+4
+            k = tl.arange(0, 8)[None, :]
+            idx = tl.arange(0, P)[:, None] * 5 + k
+            w = tl.where(k == 0, 1, tl.where(k == 1, 3, tl.where(k == 2, 9, tl.where(
+                k == 3, 27, tl.where(k == 4, 81, 0)))))
+            w = tl.where(idx < L, w, 0)
+            g = tl.gather(codes, tl.reshape(tl.minimum(idx, L - 1), (P * 8,)), 0)
+            return tl.sum(tl.reshape(g, (P, 8)) * w, axis=1)
+        elif MODE == 1:  # bit k of byte j is code 8j + k
+            return tl.sum(tl.reshape(codes, (L // 8, 8)) << tl.arange(0, 8)[None, :], axis=1)
+        else:  # bits 2k, 2k+1 of byte j are code 4j + k
+            return tl.sum(tl.reshape(codes, (L // 4, 4)) << (2 * tl.arange(0, 4))[None, :],
+                          axis=1)
+
+    @triton.jit
+    def _unpack(pk, offs, MODE: tl.constexpr, PER: tl.constexpr, mask, MASKED: tl.constexpr):
+        """The codes (int32) at block offsets ``offs`` of the packed block at ``pk``."""
+        if MASKED:
+            q = tl.load(pk + offs // PER, mask=mask, other=0).to(tl.int32)
+        else:
+            q = tl.load(pk + offs // PER).to(tl.int32)
+        d = offs % PER
+        if MODE == 0:  # digit d: (q // 3^d) % 3, as _torch_codec._unpack
+            for s in tl.static_range(1, 5):
+                q = tl.where(d >= s, q // 3, q)
+            return q % 3
+        elif MODE == 1:
+            return (q >> d) & 1
+        else:
+            return (q >> (2 * d)) & 3
+
+    @triton.jit
+    def _levels(codes, MODE: tl.constexpr):
+        c = codes.to(tl.float32)
+        if MODE == 0:
+            return c - 1.0
+        elif MODE == 1:
+            return 2.0 * c - 1.0
+        else:
+            return 2.0 * c - 3.0
+
+    @triton.jit
+    def _int2_sums(a, big, inblk, L: tl.constexpr, LOG2: tl.constexpr, TAIL: tl.constexpr):
+        """TS(a * m) and TS(m * m) = blen + 8 #big (exact) with m = 3 where ``big`` else 1."""
+        num = _tree_sum(a * tl.where(big, 3.0, 1.0), L, LOG2)
+        if TAIL:
+            big = big & inblk
+        return num, 8 * tl.sum(big.to(tl.int32), axis=0)
+
+    @triton.jit(do_not_specialize=["k1", "k2", "nfull", "n", "tlen", "pk0"])
+    def _encode_kernel(x_ptr, e_ptr, out_ptr, codes_ptr, k1, k2, nfull, n, tlen, pk0,
+                       L: tl.constexpr, LOG2: tl.constexpr, MODE: tl.constexpr,
+                       HAS_RES: tl.constexpr, TAIL: tl.constexpr, PACK: tl.constexpr,
+                       DOT: tl.constexpr, A: tl.constexpr, BC: tl.constexpr,
+                       PER: tl.constexpr, PB: tl.constexpr, P: tl.constexpr):
+        if TAIL:  # the one tail block, of tlen (a power of two < L) with n - nfull L elements
+            row = nfull.to(tl.int64)
+        else:
+            row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, L)
+        pos = row * L + offs
+        valid = offs < n - row * L  # elements of x (all, in a full block)
+        inblk = offs < tlen  # positions of the block, padding included
+        if TAIL:
+            u = tl.load(x_ptr + pos, mask=valid, other=0.0).to(tl.float32)
+            if HAS_RES:
+                u = u + tl.load(e_ptr + pos, mask=valid, other=0.0).to(tl.float32)
+            blen = tlen.to(tl.float32)
+        else:
+            u = tl.load(x_ptr + pos).to(tl.float32)
+            if HAS_RES:
+                u = u + tl.load(e_ptr + pos).to(tl.float32)
+            blen = L * 1.0
+        key = _keys(pos, k1, k2)
         z = _wht(u * key, L, LOG2)
         a = tl.abs(z)
-        lf = L * 1.0
+        if TAIL:  # past the block, z holds copies of its values: out of every sum and count
+            a = tl.where(inblk, a, 0.0)
         if MODE == 0:  # ternary
-            thr = 0.75 * tl.div_rn(_tree_sum(a, offs, L, LOG2), lf)
-            keep = a > thr
+            thr = 0.75 * tl.div_rn(_tree_sum(a, L, LOG2), blen)
+            keep = a > thr  # false past the block: 0 > thr (>= 0 or NaN)
             cnt = tl.sum(keep.to(tl.int32), axis=0).to(tl.float32)
-            num = _tree_sum(tl.where(keep, a, 0.0), offs, L, LOG2)
-            scale = tl.where(cnt > 0, tl.div_rn(tl.div_rn(num, cnt), lf), 0.0)
+            num = _tree_sum(tl.where(keep, a, 0.0), L, LOG2)
+            # cnt = 0 gives 0/0 = NaN, replaced by the spec's 0
+            scale = tl.where(cnt > 0, tl.div_rn(tl.div_rn(num, cnt), blen), 0.0)
             codes = 1 + (keep & (z > 0)).to(tl.int32) - (keep & (z < 0)).to(tl.int32)
-            level = codes.to(tl.float32) - 1.0
         elif MODE == 1:  # sign
-            scale = tl.div_rn(tl.div_rn(_tree_sum(a, offs, L, LOG2), lf), lf)
+            scale = tl.div_rn(tl.div_rn(_tree_sum(a, L, LOG2), blen), blen)
             codes = (z >= 0).to(tl.int32)
-            level = 2.0 * codes.to(tl.float32) - 1.0
         else:  # int2
-            thr2 = 0.99142 * tl.div_rn(_tree_sum(z * z, offs, L, LOG2), lf)
-            big = (z * z) > thr2
-            num = _tree_sum(a * tl.where(big, 3.0, 1.0), offs, L, LOG2)
-            den = (L + 8 * tl.sum(big.to(tl.int32), axis=0)).to(tl.float32)
-            big = a > 2.0 * tl.div_rn(num, den)
-            num = _tree_sum(a * tl.where(big, 3.0, 1.0), offs, L, LOG2)
-            den = (L + 8 * tl.sum(big.to(tl.int32), axis=0)).to(tl.float32)
-            scale = tl.div_rn(tl.div_rn(num, den), lf)
+            zz = z * z
+            if TAIL:
+                zz = tl.where(inblk, zz, 0.0)
+            thr2 = 0.99142 * tl.div_rn(_tree_sum(zz, L, LOG2), blen)
+            big = zz > thr2
+            num, den8 = _int2_sums(a, big, inblk, L, LOG2, TAIL)
+            # one Lloyd step: re-split at the midpoint 2 s1 of the levels s1 and 3 s1
+            big = a > 2.0 * tl.div_rn(num, blen + den8.to(tl.float32))
+            num, den8 = _int2_sums(a, big, inblk, L, LOG2, TAIL)
+            scale = tl.div_rn(tl.div_rn(num, blen + den8.to(tl.float32)), blen)
             pos_ = (z >= 0).to(tl.int32)
             codes = pos_ * 2 + (pos_ == big.to(tl.int32)).to(tl.int32)
-            level = 2.0 * codes.to(tl.float32) - 3.0
-        tl.store(codes_ptr + pos, codes.to(tl.uint8))
-        tl.store(scale_ptr + row, scale)
+        if TAIL:
+            codes = tl.where(inblk, codes, 0)  # codes past the block count as 0 when packed
+        # the scale's four bytes (the body need not be 4-aligned)
+        sb = tl.arange(0, 4)
+        sbits = scale.to(tl.uint32, bitcast=True)
+        tl.store(out_ptr + 4 * row + sb, ((sbits >> (8 * sb).to(tl.uint32)) & 0xFF).to(tl.uint8))
+        if PACK:
+            j = tl.arange(0, P)
+            if TAIL:
+                nbytes = (tlen + PER - 1) // PER
+            else:
+                nbytes = PB
+            tl.store(out_ptr + pk0 + row * PB + j, _pack(codes, L, MODE, P).to(tl.uint8),
+                     mask=j < nbytes)
+        elif TAIL:  # the plain build: codes one byte each, a row of (rows, L) per block
+            tl.store(codes_ptr + offs, codes.to(tl.uint8))
+        else:
+            tl.store(codes_ptr + pos, codes.to(tl.uint8))
         if HAS_RES:
-            xhat = (_wht(level, L, LOG2) * scale) * key
-            e = u - xhat
-            if e_ptr.dtype.element_ty == tl.bfloat16:
-                # round to nearest even as torch's copy_ does, in integers (the same bits on a
-                # GPU and in the interpreter, whose own cast truncates); e is finite here
-                bits = e.to(tl.uint32, bitcast=True)
-                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-                e = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-            elif e_ptr.dtype.element_ty != tl.float32:
-                e = e.to(e_ptr.dtype.element_ty)  # float16: round to nearest even
-            tl.store(e_ptr + pos, e)
+            level = _levels(codes, MODE)
+            if TAIL:
+                level = tl.where(inblk, level, 0.0)
+            xhat = (_wht_levels(level, L, LOG2, DOT, A, BC) * scale) * key
+            e = _round(u - xhat, e_ptr.dtype.element_ty)
+            if TAIL:
+                tl.store(e_ptr + pos, e, mask=valid)
+            else:
+                tl.store(e_ptr + pos, e)
+
+    @triton.jit
+    def _decode_one(body, row, offs, key, inblk, pk0, L: tl.constexpr, LOG2: tl.constexpr,
+                    MODE: tl.constexpr, TAIL: tl.constexpr, DOT: tl.constexpr,
+                    A: tl.constexpr, BC: tl.constexpr, PER: tl.constexpr, PB: tl.constexpr):
+        """``xhat = (WHT(level) * scale) * key`` of block ``row`` of the body at ``body``."""
+        sb = tl.arange(0, 4)
+        b = tl.load(body + 4 * row + sb).to(tl.uint32)
+        scale = tl.sum(b << (8 * sb).to(tl.uint32), axis=0).to(tl.float32, bitcast=True)
+        codes = _unpack(body + pk0 + row * PB, offs, MODE, PER, inblk, TAIL)
+        level = _levels(codes, MODE)
+        if TAIL:
+            level = tl.where(inblk, level, 0.0)
+        return (_wht_levels(level, L, LOG2, DOT, A, BC) * scale) * key
+
+    @triton.jit(do_not_specialize=["k1", "k2", "nfull", "n", "tlen", "pk0", "nbodies",
+                                   "stride"])
+    def _decode_kernel(body_ptr, out_ptr, k1, k2, nfull, n, tlen, pk0, nbodies, stride,
+                       L: tl.constexpr, LOG2: tl.constexpr, MODE: tl.constexpr,
+                       TAIL: tl.constexpr, DOT: tl.constexpr, A: tl.constexpr,
+                       BC: tl.constexpr, PER: tl.constexpr, PB: tl.constexpr,
+                       AVERAGE: tl.constexpr):
+        if TAIL:
+            row = nfull.to(tl.int64)
+        else:
+            row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, L)
+        pos = row * L + offs
+        inblk = offs < tlen
+        key = _keys(pos, k1, k2)
+        dtype = out_ptr.dtype.element_ty
+        # acc = decode(body 0); acc += decode(body j) for j = 1..: in the output's dtype
+        acc = _rounded(_decode_one(body_ptr, row, offs, key, inblk, pk0, L, LOG2, MODE, TAIL,
+                                   DOT, A, BC, PER, PB), dtype)
+        stride64 = stride.to(tl.int64)  # N slots may pass 2^31 bytes
+        for j in range(1, nbodies):
+            xhat = _decode_one(body_ptr + j * stride64, row, offs, key, inblk, pk0,
+                               L, LOG2, MODE, TAIL, DOT, A, BC, PER, PB)
+            acc = _rounded(acc + _rounded(xhat, dtype), dtype)
+        if AVERAGE:  # f32 only (checked by the caller): IEEE division, as acc / N on a CPU
+            acc = tl.div_rn(acc, nbodies.to(tl.float32))
+        if TAIL:
+            tl.store(out_ptr + pos, _round(acc, dtype), mask=offs < n - row * L)
+        else:
+            tl.store(out_ptr + pos, _round(acc, dtype))
 
 
-def encode_full_blocks(x: torch.Tensor, residual: Optional[torch.Tensor], *, nfull: int,
-                       block_log2: int, mode: int, k1: int, k2: int):
-    """Encode the first ``nfull`` blocks of ``x``: ``(scales (nfull,) f32, codes (nfull, L)
-    uint8)``, the residual's first ``nfull * L`` elements updated in place; or None where the
-    kernel could not be built for this case (logged once; the caller runs the torch codec)."""
-    global launches
+def _next_pow2(r: int) -> int:
+    return 1 << (r - 1).bit_length()
+
+
+def _i32(k: int) -> int:
+    """A u32 key as the int32 of the same bits: every call then passes an i32 (one build)."""
+    return k - (1 << 32) if k >= 1 << 31 else k
+
+
+def _shape(block_log2: int, mode: int) -> dict:
+    """The constexprs of a block size: the ``(A, BC)`` of the level products (both >= 16, as
+    ``tl.dot`` needs; BC <= 64 keeps every input of the second product below 2^8), the packed
+    bytes of a full block and the pow2 slot count of the pack."""
     length = 1 << block_log2
-    case = (length, mode, x.dtype, None if residual is None else residual.dtype)
-    if case in _broken:
-        return None
-    codes = torch.empty(nfull, length, dtype=torch.uint8, device=x.device)
-    scales = torch.empty(nfull, dtype=torch.float32, device=x.device)
-    try:
-        _encode_blocks[(nfull,)](
-            x, residual if residual is not None else x, codes, scales, k1, k2,
-            L=length, LOG2=block_log2, MODE=mode, HAS_RES=residual is not None,
-            enable_fp_fusion=False,
-        )
-    except (triton.CompilationError, RuntimeError, ValueError, TypeError) as err:
-        # a compiler that cannot build it: nothing was written yet
-        _broken[case] = repr(err)
-        logger.warning("tritter-comm: the Triton encoder failed to build for block %d, mode %d,"
-                       " %s (%s); using the torch codec", length, mode, case[2:], err)
-        return None
+    bc = min(1 << ((block_log2 + 1) // 2), 64)
+    pb = -(-length // _PER_BYTE[mode])
+    return dict(L=length, LOG2=block_log2, MODE=mode, A=length // bc, BC=bc,
+                PER=_PER_BYTE[mode], PB=pb)
+
+
+def _num_warps(kernel: str, length: int) -> int:
+    """Warps a program: from the registers of an sm_90 build (``triton.compile`` for
+    ``GPUTarget("cuda", 90, 32)``), the most that spill none; not timed on a GPU. The encoder
+    uses at most 124 registers a thread at 4 warps up to 1024, 120 at 8 for 2048 and 115 at 16
+    for 4096; the decoder 159 at 4, and 188 at 8 for 2048 and 4096 (16 would spill)."""
+    if length <= 1024:
+        return 4
+    if kernel == "encode" and length >= 4096:
+        return 16
+    return 8
+
+
+def _failed(case: tuple, err: Exception) -> None:
+    _broken[case] = repr(err)
+    logger.warning("tritter-comm: the Triton %s kernel (%s build) failed to build for block %d,"
+                   " mode %d, %s, %s (%s); %s", case[0], case[1], case[2], case[3], case[4],
+                   "tail" if case[5] else "full blocks", err,
+                   "trying the plain build" if case[1] == "fast" else "using the torch ops")
+
+
+def _build_errors() -> tuple:
+    # a compiler that cannot build a kernel raises at the launch, before anything is written
+    return (TritonError, RuntimeError, ValueError, TypeError)
+
+
+def _encode_launch(x, residual, out, *, tail: bool, nfull: int, n: int, tlen: int, pk0: int,
+                   shape: dict, k1: int, k2: int, pack_ops) -> bool:
+    length, mode, pb = shape["L"], shape["MODE"], shape["PB"]
+    rows = 1 if tail else nfull
+    for build in _BUILDS:
+        case = ("encode", build, length, mode,
+                (x.dtype, None if residual is None else residual.dtype), tail)
+        if case in _broken:
+            continue
+        fast = build == "fast"
+        codes = out if fast else torch.empty(rows, length, dtype=torch.uint8, device=x.device)
+        try:
+            _encode_kernel[(rows,)](
+                x, residual if residual is not None else x, out, codes, _i32(k1), _i32(k2),
+                nfull, n, tlen, pk0, HAS_RES=residual is not None, TAIL=tail, PACK=fast,
+                DOT=fast, P=_next_pow2(-(-length // _PER_BYTE[mode])), **shape,
+                num_warps=_num_warps("encode", length), enable_fp_fusion=False,
+            )
+        except _build_errors() as err:
+            _failed(case, err)
+            continue
+        if not fast:
+            lo = pk0 + nfull * pb
+            if tail:
+                packed = pack_ops(codes[:, :tlen], mode).reshape(-1)
+                out[lo:lo + packed.numel()].copy_(packed)
+            else:
+                out[pk0:lo].view(nfull, pb).copy_(pack_ops(codes, mode))
+        return True
+    return False
+
+
+def encode_into(x: torch.Tensor, residual: Optional[torch.Tensor], out: torch.Tensor, *,
+                block_log2: int, mode: int, k1: int, k2: int, pack_ops) -> int:
+    """Encode 1-D ``x`` (``u = x + residual`` with one, the residual updated in place) into the
+    body ``out`` (uint8, ``body_nbytes`` long): the full blocks in one launch, the tail block in
+    another. Returns how many leading elements were encoded: ``x.numel()``, or, where a kernel
+    could not be built (logged once), 0 or the full blocks' ``nfull * L`` (the caller encodes
+    the rest with the torch ops; nothing of the rest was written). ``pack_ops`` packs a
+    ``(rows, L)`` uint8 tensor of codes into ``(rows, packed bytes)`` (``_torch_codec._pack``,
+    passed in: this module imports nothing of the package), for the plain build."""
+    global launches
+    n = x.numel()
+    shape = _shape(block_log2, mode)
+    length = shape["L"]
+    nfull, r = divmod(n, length)
+    tlen = _next_pow2(r) if r else 0
+    pk0 = 4 * (nfull + (1 if r else 0))
+    kw = dict(nfull=nfull, n=n, pk0=pk0, shape=shape, k1=k1, k2=k2, pack_ops=pack_ops)
+    if nfull and not _encode_launch(x, residual, out, tail=False, tlen=length, **kw):
+        return 0
+    if r and not _encode_launch(x, residual, out, tail=True, tlen=tlen, **kw):
+        return nfull * length
     launches += 1
-    return scales, codes
+    return n
+
+
+def decode_into(bodies: torch.Tensor, out: torch.Tensor, *, nbodies: int, stride: int,
+                block_log2: int, mode: int, k1: int, k2: int, average: bool = False) -> int:
+    """Decode the ``nbodies`` bodies at ``bodies[j * stride:]`` (uint8; all of ``out``'s
+    length and one stream) and write their sum, in body order, into 1-D contiguous ``out``
+    (divided by ``nbodies`` when ``average``; float32 ``out`` only then). With one body, a plain
+    decode. Returns how many leading elements were written, as ``encode_into``."""
+    global launches
+    if average and out.dtype != torch.float32:
+        raise ValueError("average needs a float32 output")
+    n = out.numel()
+    shape = _shape(block_log2, mode)
+    length = shape["L"]
+    nfull, r = divmod(n, length)
+    pk0 = 4 * (nfull + (1 if r else 0))
+    parts = [(False, nfull, length, nfull * length)] if nfull else []
+    if r:
+        parts.append((True, 1, _next_pow2(r), n))
+    done = 0
+    for tail, rows, tlen, upto in parts:
+        for build in _BUILDS:
+            case = ("decode", build, length, mode, (out.dtype,), tail)
+            if case in _broken:
+                continue
+            try:
+                _decode_kernel[(rows,)](
+                    bodies, out, _i32(k1), _i32(k2), nfull, n, tlen, pk0, nbodies, stride,
+                    TAIL=tail, DOT=build == "fast", AVERAGE=average, **shape,
+                    num_warps=_num_warps("decode", length), enable_fp_fusion=False,
+                )
+            except _build_errors() as err:
+                _failed(case, err)
+                continue
+            done = upto
+            break
+        else:
+            return done
+    launches += 1
+    return done

@@ -362,12 +362,9 @@ def encode_body_into(
                 bad |= ~torch.isfinite(residual).all()
             if bool(bad):
                 raise ValueError("input contains NaN or Inf")
-        out.copy_(
-            _tc.encode_body(
-                x, seed=seed, stream=stream, mode=mode_id, block_log2=block_log2,
-                residual=residual,
-            )
-        )
+        # CUDA: the Triton kernels where available (the torch ops otherwise), straight into out
+        _tc.encode_body(x, seed=seed, stream=stream, mode=mode_id, block_log2=block_log2,
+                        residual=residual, out=out)
 
 
 def decode_body_into(
@@ -386,12 +383,49 @@ def decode_body_into(
     if _resolve_backend(backend, body.device) == "rust":
         _rust_decode(body, out, mode_id, block_log2, seed, stream)
     else:
-        out.copy_(
-            _tc.decode_body(
-                body, n=out.numel(), dtype=out.dtype, seed=seed, stream=stream, mode=mode_id,
-                block_log2=block_log2,
-            )
-        )
+        _tc.decode_body(body, n=out.numel(), dtype=out.dtype, seed=seed, stream=stream,
+                        mode=mode_id, block_log2=block_log2, out=out)
+
+
+def decode_sum_into(
+    bodies: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    slot: int,
+    seed: int,
+    stream: int,
+    mode_id: int,
+    block_log2: int,
+    average: bool = False,
+    backend: str = "auto",
+) -> None:
+    """Decode the ``N = bodies.numel() // slot`` bodies ``bodies[j * slot:]`` (each of
+    ``out.numel()`` elements, one key stream) and write their sum in rank order into the 1-D
+    float tensor ``out``: the bits of decoding body 0 into ``out``, then each next body into a
+    tensor ``tmp`` like ``out`` and ``out += tmp`` (phase 2 of the exchange). With ``average``
+    (float32 ``out``) the sum is then divided by N in IEEE division, as ``out /= N`` on a CPU.
+
+    CUDA tensors: one Triton kernel that writes the sum once (the torch ops where it is not
+    available). CPU tensors: the Rust decoder, body by body. ``out`` must not overlap
+    ``bodies`` in memory (``ValueError``).
+    """
+    _check_disjoint(("bodies", bodies), ("out", out))
+    if average and out.dtype != torch.float32:
+        raise ValueError(f"average needs a float32 output, got {out.dtype}")
+    nbodies = bodies.numel() // slot
+    if _resolve_backend(backend, bodies.device) == "rust":
+        tmp = torch.empty_like(out) if nbodies > 1 else None
+        for j in range(nbodies):
+            _rust_decode(bodies[j * slot:(j + 1) * slot][: _native.body_nbytes(
+                out.numel(), mode_id, block_log2)], out if j == 0 else tmp, mode_id,
+                block_log2, seed, stream)
+            if j:
+                out += tmp
+        if average:
+            out /= nbodies
+    else:
+        _tc.decode_sum_into(bodies, out, slot=slot, seed=seed, stream=stream, mode=mode_id,
+                            block_log2=block_log2, nbodies=nbodies, average=average)
 
 
 def encode(
