@@ -46,6 +46,8 @@ from typing import Optional
 
 import torch
 
+from ._warnings import warn as _warn
+
 try:  # triton comes with torch's CUDA wheels on Linux; without it CUDA uses the torch codec
     import triton
     import triton.language as tl
@@ -384,11 +386,14 @@ def _num_warps(kernel: str, length: int) -> int:
 
 
 def _failed(case: tuple, err: Exception) -> None:
+    """Once per case: logged, and warned as a ``TritterCommWarning`` (a fallback)."""
     _broken[case] = repr(err)
-    logger.warning("tritter-comm: the Triton %s kernel (%s build) failed to build for block %d,"
-                   " mode %d, %s, %s (%s); %s", case[0], case[1], case[2], case[3], case[4],
-                   "tail" if case[5] else "full blocks", err,
-                   "trying the plain build" if case[1] == "fast" else "using the torch ops")
+    message = (f"tritter-comm: the Triton {case[0]} kernel ({case[1]} build) failed to build "
+               f"for block {case[2]}, mode {case[3]}, {case[4]}, "
+               f"{'tail' if case[5] else 'full blocks'} ({err}); "
+               f"{'trying the plain build' if case[1] == 'fast' else 'using the torch ops'}")
+    logger.warning("%s", message)
+    _warn(message)
 
 
 def _build_errors() -> tuple:
