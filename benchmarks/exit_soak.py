@@ -101,7 +101,7 @@ def _run(job: Job, args) -> dict[str, Any]:
     return {"index": job.index, "row": job.row, "kind": job.kind, "outcome": worst,
             "wall_s": round(wall, 2),
             "ranks": [{"rank": r.rank, "returncode": r.returncode, "outcome": r.outcome,
-                       "detail": r.detail, "report": r.report,
+                       "detail": r.detail, "report": r.report, "cpu_s": r.cpu_s,
                        **({"stderr_tail": r.stderr_tail} if r.outcome != "ok" else {})}
                       for r in ranks]}
 
@@ -221,6 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     walls = [r["wall_s"] for r in results]
     per_kind = {k: round(statistics.median([r["wall_s"] for r in results if r["kind"] == k]), 1)
                 for k in kinds if any(r["kind"] == k for r in results)}
+
+    def rank_cpu(r):  # the busiest rank's CPU seconds: a job's wall time on idle cores
+        cpus = [x["cpu_s"] for x in r["ranks"] if x["cpu_s"] is not None]
+        return max(cpus) if cpus else None
+
+    cpu_kind = {k: round(statistics.median(c), 1) for k in kinds
+                if (c := [rank_cpu(r) for r in results
+                          if r["kind"] == k and rank_cpu(r) is not None])}
     print()
     print(table(results, rows, kinds))
     print()
@@ -232,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{k} {v}" for k, v in per_kind.items())
               + f"); load average {info['loadavg_start'][0]:.1f} at the start, "
               f"{info['loadavg_end'][0]:.1f} at the end")
+        print("CPU seconds of a job's busiest rank (its wall time on idle cores, about), "
+              "median by kind: " + ", ".join(f"{k} {v}" for k, v in cpu_kind.items()))
     summary = {
         row: {"jobs": sum(r["row"] == row for r in results),
               **{o: sum(r["row"] == row and r["outcome"] == o for r in results) for o in OUTCOMES},
@@ -243,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                    "interrupted": interrupted, "elapsed_s": round(elapsed, 1),
                    "seconds_per_job": round(elapsed / max(1, len(results)), 2),
                    "median_job_s": statistics.median(walls) if walls else None,
-                   "median_job_s_by_kind": per_kind, "summary": summary,
+                   "median_job_s_by_kind": per_kind, "median_rank_cpu_s_by_kind": cpu_kind,
+                   "summary": summary,
                    "table": table(results, rows, kinds),
                    "jobs": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
