@@ -478,8 +478,29 @@ def encode(
                    seed=seed, stream=stream)
 
 
-def decode(payload: Payload, *, backend: str = "auto") -> torch.Tensor:
-    """Decode a :class:`Payload` into a tensor of its length and dtype, on its device."""
+def decode(
+    payload: Payload, *, out: Optional[torch.Tensor] = None, backend: str = "auto"
+) -> torch.Tensor:
+    """Decode a :class:`Payload` into a tensor of its length and dtype, on its device.
+
+    Args:
+        payload: what :func:`encode` or :meth:`Payload.from_bytes` returned.
+        out: a tensor to decode into instead of a new one: 1-D, contiguous, ``payload.n``
+            elements of ``payload.dtype`` on ``payload.device``, not requiring grad, and not
+            overlapping the payload's body in memory. A buffer reused from call to call saves
+            the page faults of fresh memory, which cost more than the Rust decode itself on
+            large vectors (benchmarks/codec.py, the ``rust api`` and ``rust api out=`` rows).
+        backend: ``"rust"`` (CPU tensors), ``"torch"`` (any device) or ``"auto"``.
+
+    Returns:
+        ``out`` if given, else a new tensor.
+
+    Raises:
+        ValueError: a malformed payload, or an ``out`` that does not fit (nothing is written).
+            A body corrupted by hand (a packed ternary byte above 242, which
+            :meth:`Payload.from_bytes` refuses) is found while decoding, and may leave ``out``
+            partly written.
+    """
     if not isinstance(payload, Payload):
         raise ValueError(f"decode takes a Payload, got {type(payload).__name__}")
     body = payload.body
@@ -493,7 +514,31 @@ def decode(payload: Payload, *, backend: str = "auto") -> torch.Tensor:
             f"payload body is {body.numel()} bytes, expected {expected} (truncated or corrupted)"
         )
     backend = _resolve_backend(backend, body.device)
-    out = torch.empty(payload.n, dtype=payload.dtype, device=body.device)
+    if out is None:
+        out = torch.empty(payload.n, dtype=payload.dtype, device=body.device)
+    else:
+        _check_out(out, payload)
     decode_body_into(body.contiguous(), out, seed=payload.seed, stream=payload.stream,
                      mode_id=mid, block_log2=blog, backend=backend)
     return out
+
+
+def _check_out(out, payload: Payload) -> None:
+    """``ValueError`` unless ``out`` can take the decoded ``payload`` as it is (overlap with the
+    body is checked by ``decode_body_into``)."""
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(
+            f"out must be a torch.Tensor, got {type(out).__name__} "
+            "(wrap a numpy array with torch.from_numpy)"
+        )
+    want = f"a 1-D contiguous {payload.dtype} tensor of {payload.n} elements on {payload.device}"
+    if out.dtype != payload.dtype:
+        raise ValueError(f"out must be {want} (the payload's dtype), got dtype {out.dtype}")
+    if out.dim() != 1 or out.numel() != payload.n:
+        raise ValueError(f"out must be {want}, got shape {tuple(out.shape)}")
+    if out.device != payload.device:
+        raise ValueError(f"out must be {want} (the payload's device), got one on {out.device}")
+    if not out.is_contiguous():
+        raise ValueError(f"out must be {want}, got a non-contiguous view")
+    if out.requires_grad:
+        raise ValueError("out must not require grad (decode writes into it in place)")
