@@ -10,10 +10,42 @@ from __future__ import annotations
 import struct
 from typing import Optional, Union
 
+try:
+    from . import _native
+except ImportError:
+    # A source checkout without the built extension, found before the installed package (the
+    # current directory comes first on sys.path with `python -m`, `python -c` and the REPL).
+    # Python's own message blames a circular import; say what happened and what to do. (First
+    # of the imports, so that the message comes before torch's seconds of import time.)
+    import importlib.machinery
+    import os
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    if any(os.path.exists(os.path.join(here, "_native" + suffix))
+           for suffix in importlib.machinery.EXTENSION_SUFFIXES):
+        raise  # the extension is there but does not load: its own error says why
+    top = os.path.dirname(here)
+    others = [p for p in sys.path if os.path.abspath(p or os.curdir) != top]
+    installed = importlib.machinery.PathFinder.find_spec(__package__, others)
+    raise ImportError(
+        f"tritter_comm was imported from the source tree at {here}, which has no built Rust "
+        "extension (tritter_comm/_native*.so). "
+        + (
+            f"It shadows the installed package at {os.path.dirname(installed.origin)}. "
+            "Run from another directory, or build the extension into the source tree with "
+            "`pip install -e .` or `maturin develop`."
+            if installed is not None and installed.origin
+            else "No installed tritter_comm was found elsewhere on sys.path. Build the "
+            "extension into the source tree with `pip install -e .` or `maturin develop`, or "
+            "`pip install .` and run from another directory."
+        ),
+        name=__package__ + "._native",
+    ) from None
+
 import numpy as np
 import torch
 
-from . import _native
 from . import _torch_codec as _tc
 
 __all__ = [
