@@ -13,9 +13,12 @@ GB/s are of fp32 input (4 bytes an element), medians of ``--repeats`` runs after
 
 The codec is timed as the hooks run it: ``encode_body_into`` and ``decode_body_into`` into
 preallocated buffers. The ``rust api`` row times ``tritter_comm.encode``/``decode``, whose fresh
-output tensor costs a page fault per 4 KiB on first touch. The Rust cases of a size take turns
-in every repeat, so that a change in the machine's load falls on all of them alike. Prints tables and writes
-``benchmarks/results/codec.json`` with the machine, versions and settings::
+output tensor costs a page fault per 4 KiB on first touch; the ``rust api out=`` row beside it
+times the same calls with ``decode(payload, out=y)`` into a tensor kept from call to call (the
+payload is still a new tensor, a twentieth of the input's bytes in ternary). The Rust cases of
+a size take turns in every repeat, so that a change in the machine's load falls on all of them
+alike. Prints tables and writes ``benchmarks/results/codec.json`` with the machine, versions and
+settings::
 
     python -m benchmarks.codec                  # 1M, 16M and 64M elements
     python -m benchmarks.codec --quick          # 1M and 4M, 3 repeats
@@ -151,8 +154,9 @@ def bench_rust(
     x: torch.Tensor, e0: torch.Tensor, cases: list[dict[str, Any]], *, repeats: int
 ) -> list[dict[str, Any]]:
     """The Rust codec in each case (``threads``, ``mode``, ``block_size``, and ``api``: through
-    ``tritter_comm.encode``/``decode``, which allocate the payload and the output), the cases
-    taking turns in every repeat so that a change in the machine's load falls on all alike."""
+    ``tritter_comm.encode``/``decode``, which allocate the payload and, with ``api="alloc"``,
+    the output, or decode into a kept tensor with ``api="out"``), the cases taking turns in
+    every repeat so that a change in the machine's load falls on all alike."""
     n = x.numel()
     e = e0.clone()
     y = torch.empty_like(x)
@@ -164,12 +168,13 @@ def bench_rust(
         if c.get("api"):
             box: dict[str, Any] = {}
             kw = {"seed": SEED, "stream": STREAM, "mode": mode, "block_size": block}
+            into = y if c["api"] == "out" else None
 
             def enc(kw=kw, box=box):
                 box["p"] = tc.encode(x, residual=e, backend="rust", **kw)
 
-            def dec(box=box):
-                tc.decode(box["p"], backend="rust")
+            def dec(box=box, into=into):
+                tc.decode(box["p"], out=into, backend="rust")
         else:
             kw = {"seed": SEED, "stream": STREAM, "mode_id": mode_id, "block_log2": blog}
             enc = partial(encode_body_into, x, body, residual=e, backend="rust", **kw)
@@ -246,11 +251,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         copy = bench_copy(x, repeats=args.repeats)
         main_rows.append({**base, "impl": "numpy copy", "threads": 1, **copy})
         cases = [{"threads": t, "mode": m} for t in (1, 0) for m in MODES]
-        cases.append({"threads": 1, "api": True})
+        cases += [{"threads": 1, "api": "alloc"}, {"threads": 1, "api": "out"}]
         for c, r in zip(cases, bench_rust(x, e0, cases, repeats=args.repeats)):
             nthreads = c["threads"] or all_threads
             if c.get("api"):
-                main_rows.append({**base, "impl": "rust api", "threads": 1, **r})
+                impl = "rust api out=" if c["api"] == "out" else "rust api"
+                main_rows.append({**base, "impl": impl, "threads": 1, **r})
                 continue
             mode_rows.append({**base, "mode": c["mode"], "threads": nthreads, **r})
             if c["mode"] == "ternary":
@@ -293,7 +299,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "statistic": "median after one warm-up run",
             "throughput": "GB/s of fp32 input (4 bytes an element), 1e9 bytes",
             "encode": "x + residual encoded, residual updated (check_finite=True)",
-            "timed": "encode_body_into / decode_body_into into preallocated buffers",
+            "timed": (
+                "encode_body_into / decode_body_into into preallocated buffers; 'rust api': "
+                "tritter_comm.encode / decode, allocating; 'rust api out=': the same with "
+                "decode(payload, out=y) into a kept tensor"
+            ),
             "default_block_size": DEFAULT_BLOCK_SIZE,
             "default_mode": "ternary",
             "sweep_size": sweep_n,
@@ -319,19 +329,19 @@ def format_report(report: dict[str, Any]) -> str:
             f"{report['settings']['default_block_size']}"
         ),
         (
-            f"{'size':>5} {'impl':<11}{'thr':>4} {'enc+dec':>8}{'enc':>8}{'dec':>8}"
+            f"{'size':>5} {'impl':<14}{'thr':>4} {'enc+dec':>8}{'enc':>8}{'dec':>8}"
             f"{'copy':>8}{'x torch':>9}{'x copy':>8}"
         ),
     ]
     for r in res["main"]:
         if r["impl"] == "numpy copy":
             lines.append(
-                f"{r['label']:>5} {r['impl']:<11}{r['threads']:>4} {'':>8}{'':>8}{'':>8}"
+                f"{r['label']:>5} {r['impl']:<14}{r['threads']:>4} {'':>8}{'':>8}{'':>8}"
                 f"{_fmt(r['copy_gbps'], 8)}"
             )
             continue
         lines.append(
-            f"{r['label']:>5} {r['impl']:<11}{r['threads']:>4} {_fmt(r['enc_dec_gbps'], 8)}"
+            f"{r['label']:>5} {r['impl']:<14}{r['threads']:>4} {_fmt(r['enc_dec_gbps'], 8)}"
             f"{_fmt(r['enc_gbps'], 8)}{_fmt(r['dec_gbps'], 8)}{'':>8}"
             f"{_fmt(r.get('vs_torch'), 9, 1)}{_fmt(r.get('vs_copy'), 8)}"
         )

@@ -241,6 +241,93 @@ def test_overlap_check_covers_strided_views():
     _check_disjoint(("a", buf[:10]), ("b", None))
 
 
+# decode(payload, out=...): the same bits as the allocating form, into the caller's tensor.
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["rust", "torch"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("mode", list(BOUNDS))
+def test_decode_into_out_matches_the_allocating_form(mode, dtype, backend, device):
+    if backend == "rust" and device != "cpu":
+        pytest.skip("the rust backend takes CPU tensors")
+    n = 3000  # two full blocks and a tail
+    x = torch.randn(n, generator=torch.Generator().manual_seed(5)).to(dtype).to(device)
+    p = tc.encode(x, seed=11, stream=3, mode=mode, block_size=1024, backend=backend)
+    want = tc.decode(p, backend=backend)
+    out = torch.full((n,), float("nan"), dtype=dtype, device=device)
+    got = tc.decode(p, out=out, backend=backend)
+    assert got is out
+    assert torch.equal(out.view(torch.uint8), want.view(torch.uint8))  # bit for bit
+    out.fill_(7.0)  # and again into a buffer holding other values
+    tc.decode(p, out=out, backend=backend)
+    assert torch.equal(out.view(torch.uint8), want.view(torch.uint8))
+
+
+def _bad_outs(n):
+    """(name, out, what the error says) for a float32 payload of ``n`` elements on the CPU."""
+    return [
+        ("short", torch.zeros(n - 1), "1-D contiguous torch.float32 tensor of 3000 elements"),
+        ("long", torch.zeros(n + 1), r"got shape \(3001,\)"),
+        ("2-D", torch.zeros(2, n // 2), r"got shape \(2, 1500\)"),
+        ("float64", torch.zeros(n, dtype=torch.float64), "got dtype torch.float64"),
+        ("bfloat16", torch.zeros(n, dtype=torch.bfloat16), "the payload's dtype"),
+        ("int32", torch.zeros(n, dtype=torch.int32), "got dtype torch.int32"),
+        ("meta device", torch.zeros(n, device="meta"), "the payload's device.*got one on meta"),
+        ("non-contiguous", torch.zeros(2 * n)[::2], "non-contiguous"),
+        ("requires grad", torch.zeros(n, requires_grad=True), "must not require grad"),
+        ("numpy", np.zeros(n, dtype=np.float32), "torch.from_numpy"),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["rust", "torch"])
+@pytest.mark.parametrize("case", [c[0] for c in _bad_outs(3000)])
+def test_decode_into_a_bad_out_is_a_clear_error(case, backend):
+    n = 3000
+    p = tc.encode(torch.randn(n), block_size=1024, backend=backend)
+    _, out, match = next(c for c in _bad_outs(n) if c[0] == case)
+    before = out.copy() if isinstance(out, np.ndarray) else out.detach().clone()
+    with pytest.raises(ValueError, match=match):
+        tc.decode(p, out=out, backend=backend)
+    if case == "meta device":
+        return  # no data to compare
+    if isinstance(out, np.ndarray):
+        assert np.array_equal(out, before)
+    else:
+        assert torch.equal(out.detach(), before)  # nothing was written
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_decode_into_out_on_another_device_is_refused():
+    p = tc.encode(torch.randn(3000))
+    out = torch.zeros(3000, device="cuda")
+    with pytest.raises(ValueError, match="the payload's device.*got one on cuda"):
+        tc.decode(p, out=out)
+    assert not out.any()
+
+
+@pytest.mark.parametrize("backend", ["rust", "torch"])
+def test_decode_into_out_over_the_body_is_refused(backend):
+    n = 2048
+    x = torch.randn(n)
+    size = tc.body_nbytes(n, block_size=256)
+    raw = torch.zeros(size + 4 * n, dtype=torch.uint8)
+    raw[:size] = tc.encode(x, block_size=256, backend=backend).body
+    p = tc.Payload(raw[:size], n=n, dtype=torch.float32, mode="ternary", block_size=256,
+                   seed=0, stream=0)
+    kept = raw.clone()
+    for out in (raw[4 : 4 + 4 * n].view(torch.float32),  # over the scales
+                raw[size - 4 : size - 4 + 4 * n].view(torch.float32)):  # one element on the end
+        with pytest.raises(ValueError, match="body and out overlap in memory"):
+            tc.decode(p, out=out, backend=backend)
+    assert torch.equal(raw, kept)
+    y = raw[size:].view(torch.float32)  # just after the body: fine
+    assert tc.decode(p, out=y, backend=backend) is y
+    assert torch.equal(y, tc.decode(p, backend=backend))
+
+
 def test_corrupted_payloads_raise_value_error():
     good = tc.encode(torch.randn(1000), block_size=256).to_bytes()
     cases = {

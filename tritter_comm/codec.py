@@ -10,10 +10,42 @@ from __future__ import annotations
 import struct
 from typing import Optional, Union
 
+try:
+    from . import _native
+except ImportError:
+    # A source checkout without the built extension, found before the installed package (the
+    # current directory comes first on sys.path with `python -m`, `python -c` and the REPL).
+    # Python's own message blames a circular import; say what happened and what to do. (First
+    # of the imports, so that the message comes before torch's seconds of import time.)
+    import importlib.machinery
+    import os
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    if any(os.path.exists(os.path.join(here, "_native" + suffix))
+           for suffix in importlib.machinery.EXTENSION_SUFFIXES):
+        raise  # the extension is there but does not load: its own error says why
+    top = os.path.dirname(here)
+    others = [p for p in sys.path if os.path.abspath(p or os.curdir) != top]
+    installed = importlib.machinery.PathFinder.find_spec(__package__, others)
+    raise ImportError(
+        f"tritter_comm was imported from the source tree at {here}, which has no built Rust "
+        "extension (tritter_comm/_native*.so). "
+        + (
+            f"It shadows the installed package at {os.path.dirname(installed.origin)}. "
+            "Run from another directory, or build the extension into the source tree with "
+            "`pip install -e .` or `maturin develop`."
+            if installed is not None and installed.origin
+            else "No installed tritter_comm was found elsewhere on sys.path. Build the "
+            "extension into the source tree with `pip install -e .` or `maturin develop`, or "
+            "`pip install .` and run from another directory."
+        ),
+        name=__package__ + "._native",
+    ) from None
+
 import numpy as np
 import torch
 
-from . import _native
 from . import _torch_codec as _tc
 
 __all__ = [
@@ -478,8 +510,29 @@ def encode(
                    seed=seed, stream=stream)
 
 
-def decode(payload: Payload, *, backend: str = "auto") -> torch.Tensor:
-    """Decode a :class:`Payload` into a tensor of its length and dtype, on its device."""
+def decode(
+    payload: Payload, *, out: Optional[torch.Tensor] = None, backend: str = "auto"
+) -> torch.Tensor:
+    """Decode a :class:`Payload` into a tensor of its length and dtype, on its device.
+
+    Args:
+        payload: what :func:`encode` or :meth:`Payload.from_bytes` returned.
+        out: a tensor to decode into instead of a new one: 1-D, contiguous, ``payload.n``
+            elements of ``payload.dtype`` on ``payload.device``, not requiring grad, and not
+            overlapping the payload's body in memory. A buffer reused from call to call saves
+            the page faults of fresh memory, which cost more than the Rust decode itself on
+            large vectors (benchmarks/codec.py, the ``rust api`` and ``rust api out=`` rows).
+        backend: ``"rust"`` (CPU tensors), ``"torch"`` (any device) or ``"auto"``.
+
+    Returns:
+        ``out`` if given, else a new tensor.
+
+    Raises:
+        ValueError: a malformed payload, or an ``out`` that does not fit (nothing is written).
+            A body corrupted by hand (a packed ternary byte above 242, which
+            :meth:`Payload.from_bytes` refuses) is found while decoding, and may leave ``out``
+            partly written.
+    """
     if not isinstance(payload, Payload):
         raise ValueError(f"decode takes a Payload, got {type(payload).__name__}")
     body = payload.body
@@ -493,7 +546,31 @@ def decode(payload: Payload, *, backend: str = "auto") -> torch.Tensor:
             f"payload body is {body.numel()} bytes, expected {expected} (truncated or corrupted)"
         )
     backend = _resolve_backend(backend, body.device)
-    out = torch.empty(payload.n, dtype=payload.dtype, device=body.device)
+    if out is None:
+        out = torch.empty(payload.n, dtype=payload.dtype, device=body.device)
+    else:
+        _check_out(out, payload)
     decode_body_into(body.contiguous(), out, seed=payload.seed, stream=payload.stream,
                      mode_id=mid, block_log2=blog, backend=backend)
     return out
+
+
+def _check_out(out, payload: Payload) -> None:
+    """``ValueError`` unless ``out`` can take the decoded ``payload`` as it is (overlap with the
+    body is checked by ``decode_body_into``)."""
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(
+            f"out must be a torch.Tensor, got {type(out).__name__} "
+            "(wrap a numpy array with torch.from_numpy)"
+        )
+    want = f"a 1-D contiguous {payload.dtype} tensor of {payload.n} elements on {payload.device}"
+    if out.dtype != payload.dtype:
+        raise ValueError(f"out must be {want} (the payload's dtype), got dtype {out.dtype}")
+    if out.dim() != 1 or out.numel() != payload.n:
+        raise ValueError(f"out must be {want}, got shape {tuple(out.shape)}")
+    if out.device != payload.device:
+        raise ValueError(f"out must be {want} (the payload's device), got one on {out.device}")
+    if not out.is_contiguous():
+        raise ValueError(f"out must be {want}, got a non-contiguous view")
+    if out.requires_grad:
+        raise ValueError("out must not require grad (decode writes into it in place)")
