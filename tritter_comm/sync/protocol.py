@@ -38,8 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import _native
-from . import codec as _codec
+from .. import _native
+from .. import codec as _codec
 
 __all__ = [
     "PackedTernary",
