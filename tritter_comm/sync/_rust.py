@@ -11,7 +11,10 @@ from torch import Tensor
 from .. import _native
 from .. import codec as _codec
 
-# The format's header, validation and sizes (format.py).
+# The format's version and magic, its header, validation and sizes (format.py). The version and
+# the magic are defined once, in src/sync.rs, which writes and checks the header.
+SYNC_FORMAT_VERSION: int = _native.SYNC_FORMAT_VERSION
+SYNC_MAGIC: bytes = _native.SYNC_MAGIC
 sync_check = _native.sync_check
 sync_header = _native.sync_header
 sync_nbytes = _native.sync_nbytes

@@ -14,8 +14,8 @@ from . import _rust
 
 __all__ = ["PackedTernary", "packed_nbytes", "RULES"]
 
-FORMAT_VERSION = 1
-MAGIC = b"TPK3"
+FORMAT_VERSION = _rust.SYNC_FORMAT_VERSION  # from src/sync.rs (docs/FORMAT.md, "Versions")
+MAGIC = _rust.SYNC_MAGIC
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _DTYPE_OF = {v: k for k, v in _DTYPES.items()}
 _MAX_GROUP = 1 << 31
