@@ -12,6 +12,9 @@ use crate::kernel::{analyze, synth, Scratch, Sink};
 use crate::keys::StreamKeys;
 use crate::pack::packed_len;
 
+/// Version of the payload format (docs/FORMAT.md, "Payload"): the header's byte 4, which
+/// `tritter_comm/codec.py` writes and checks. Python reads it as `_native.FORMAT_VERSION`.
+pub const FORMAT_VERSION: u8 = 1;
 pub const MIN_BLOCK_LOG2: u8 = 8;
 pub const MAX_BLOCK_LOG2: u8 = 16;
 /// Positions are hashed in 32-position words indexed by a u32.

@@ -346,7 +346,10 @@ fn predict_apply(
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add("FORMAT_VERSION", 1u8)?;
+    // One constant per format (docs/FORMAT.md): the payload's and the packed weights'.
+    m.add("FORMAT_VERSION", codec::FORMAT_VERSION)?;
+    m.add("SYNC_FORMAT_VERSION", wsync::VERSION)?;
+    m.add("SYNC_MAGIC", PyBytes::new(m.py(), &wsync::MAGIC))?;
     m.add_function(wrap_pyfunction!(encode_f32, m)?)?;
     m.add_function(wrap_pyfunction!(encode_u16, m)?)?;
     m.add_function(wrap_pyfunction!(decode_f32, m)?)?;

@@ -27,6 +27,7 @@ use crate::pack::{pack_trits, Tables};
 
 /// First bytes of a serialized packed tensor.
 pub const MAGIC: [u8; 4] = *b"TPK3";
+/// Version of the serialized form, its byte 4; Python reads it as `_native.SYNC_FORMAT_VERSION`.
 pub const VERSION: u8 = 1;
 /// Dimensions a serialized tensor may have.
 pub const MAX_NDIM: usize = 8;

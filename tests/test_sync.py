@@ -22,7 +22,7 @@ def ternary(shape, dtype, group_size=None, seed=0):
     """scale * {-1, 0, 1} with a random scale per group."""
     g = torch.Generator().manual_seed(seed)
     t = torch.randint(-1, 2, shape, generator=g).float().reshape(-1)
-    group = S._group_of(shape, group_size)
+    group = S.format._group_of(shape, group_size)
     n = t.numel()
     s = (torch.rand(max(1, -(-n // group)), generator=g) * 3 + 1e-3).repeat_interleave(group)
     return (t * s[:n]).reshape(shape).to(dtype)

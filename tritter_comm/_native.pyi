@@ -6,7 +6,9 @@ import numpy as np
 import numpy.typing as npt
 
 __version__: str
-FORMAT_VERSION: int
+FORMAT_VERSION: int  # the gradient payload's (src/codec.rs)
+SYNC_FORMAT_VERSION: int  # the packed ternary weights' (src/sync.rs VERSION)
+SYNC_MAGIC: bytes  # b"TPK3"
 
 def encode_f32(
     x: npt.NDArray[np.float32],
