@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 import tritter_comm
+import tritter_comm.hooks.fsdp2
 from tritter_comm import VSAConfig, VSAState
 
 
@@ -71,8 +72,9 @@ def test_fsdp2_gets_the_compressed_reduce_scatter(group, monkeypatch):
             fully_shard(m)
     fully_shard(model)
     seen = []
-    real = tritter_comm.fsdp.enable
-    monkeypatch.setattr(tritter_comm.fsdp, "enable", lambda m, s: seen.append((m, s)) or real(m, s))
+    real = tritter_comm.hooks.fsdp2.enable
+    monkeypatch.setattr(tritter_comm.hooks.fsdp2, "enable",
+                        lambda m, s: seen.append((m, s)) or real(m, s))
     state = tritter_comm.register(model, VSAConfig(seed=3))
     assert seen == [(model, state)] and state.seed == 3
 

@@ -59,7 +59,8 @@ __all__ = [
     "get_num_threads",
 ]
 
-FORMAT_VERSION = 1
+#: The payload format version (defined once, in the Rust core).
+FORMAT_VERSION: int = _native.FORMAT_VERSION
 #: The package version the native module was built as (ranks compare it).
 PACKAGE_VERSION: str = _native.__version__
 MAGIC = b"TVSA"
