@@ -4,7 +4,7 @@
 As one rank (what :func:`launch` starts, one fresh interpreter per rank)::
 
     python benchmarks/exit_job.py --kind ddp --hook --teardown ours \\
-        --rank 0 --world 2 --store /tmp/job/store
+        --rank 0 --world 2 --store /tmp/job/store      # or --port N: env://, as torchrun
 
 A small model trains a few steps (``VSAState(start_iter=2, min_compress_numel=1024)``, so
 compression runs), then the job tears down and the interpreter exits normally: the abort this
@@ -39,6 +39,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -244,7 +245,10 @@ def rank_main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--teardown", choices=TEARDOWNS, required=True)
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--world", type=int, default=2)
-    p.add_argument("--store", required=True, help="a FileStore path, fresh for each job")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--store", help="a FileStore path, fresh for each job")
+    where.add_argument("--port", type=int, help="init by env:// (a TCPStore that rank 0 "
+                       "serves on this port of 127.0.0.1), as a script under torchrun")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--pg-timeout", type=float, default=60.0)
     args = p.parse_args(argv)
@@ -260,11 +264,16 @@ def rank_main(argv: Optional[list[str]] = None) -> int:
 
         tritter_comm.set_num_threads(1)
     t = {"import": time.perf_counter()}
-    dist.init_process_group("gloo", store=dist.FileStore(args.store, args.world), rank=args.rank,
-                            world_size=args.world,
-                            timeout=datetime.timedelta(seconds=args.pg_timeout))
+    timeout = datetime.timedelta(seconds=args.pg_timeout)
+    if args.store is not None:
+        dist.init_process_group("gloo", store=dist.FileStore(args.store, args.world),
+                                rank=args.rank, world_size=args.world, timeout=timeout)
+    else:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port),
+                          RANK=str(args.rank), WORLD_SIZE=str(args.world))
+        dist.init_process_group("gloo", init_method="env://", timeout=timeout)
     report: dict[str, Any] = {"kind": args.kind, "hook": args.hook, "teardown": args.teardown,
-                              "rank": args.rank}
+                              "rank": args.rank, "init": "file" if args.store else "env"}
     t["init"] = time.perf_counter()
     try:
         report.update(globals()["_" + args.kind](args))
@@ -351,11 +360,34 @@ def _reap(p: subprocess.Popen, deadline: float) -> Optional[float]:
         time.sleep(0.05)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(kind: str, *, hook: bool, teardown: str, world: int = 2, steps: int = 4,
-           timeout: float = 150.0, pg_timeout: float = 60.0) -> list[RankOutcome]:
+           timeout: float = 150.0, pg_timeout: float = 60.0,
+           init: str = "file") -> list[RankOutcome]:
     """Run one job: ``world`` fresh interpreters (``python exit_job.py ...``), waited for
     ``timeout`` seconds in all; ranks still running then are killed (a hang). Returns each
-    rank's outcome, in rank order."""
+    rank's outcome, in rank order.
+
+    ``init``: ``"file"``, a FileStore in a fresh folder; ``"env"``, env:// on a free port of
+    127.0.0.1 (rank 0 serves the TCPStore, as under torchrun without its agent store). A job
+    whose port was taken meanwhile (EADDRINUSE) is run again on another, up to 3 times."""
+    if init not in ("file", "env"):
+        raise ValueError(f"init must be 'file' or 'env', got {init!r}")
+    for _ in range(3):
+        outcomes = _launch_once(kind, hook, teardown, world, steps, timeout, pg_timeout,
+                                _free_port() if init == "env" else None)
+        if not any("EADDRINUSE" in o.stderr_tail for o in outcomes):
+            break
+    return outcomes
+
+
+def _launch_once(kind: str, hook: bool, teardown: str, world: int, steps: int, timeout: float,
+                 pg_timeout: float, port: Optional[int]) -> list[RankOutcome]:
     with tempfile.TemporaryDirectory(prefix="tritter-exit-") as d, \
             contextlib.ExitStack() as files:
         procs, logs = [], []
@@ -368,7 +400,8 @@ def launch(kind: str, *, hook: bool, teardown: str, world: int = 2, steps: int =
                 logs.append((out, err))
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--kind", kind,
                        "--teardown", teardown, "--rank", str(r), "--world", str(world),
-                       "--store", os.path.join(d, "store"), "--steps", str(steps),
+                       *(["--port", str(port)] if port is not None
+                         else ["--store", os.path.join(d, "store")]), "--steps", str(steps),
                        "--pg-timeout", str(pg_timeout), *(["--hook"] if hook else [])]
                 procs.append(subprocess.Popen(cmd, cwd=d, env=job_env(kind), stdout=out,
                                               stderr=err, stdin=subprocess.DEVNULL))

@@ -95,7 +95,7 @@ def _run(job: Job, args) -> dict[str, Any]:
     t0 = time.perf_counter()
     ranks = exit_job.launch(job.kind, hook=hook, teardown=teardown, world=args.world,
                             steps=args.steps, timeout=args.timeout,
-                            pg_timeout=args.pg_timeout)
+                            pg_timeout=args.pg_timeout, init=args.init)
     wall = time.perf_counter() - t0
     worst = next((o for o in OUTCOMES if any(r.outcome == o for r in ranks)), "ok")
     return {"index": job.index, "row": job.row, "kind": job.kind, "outcome": worst,
@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds before a job's ranks are killed and counted as hung")
     ap.add_argument("--pg-timeout", type=float, default=60.0,
                     help="the process group's timeout in the jobs (seconds)")
+    ap.add_argument("--init", choices=("file", "env"), default="file",
+                    help="rendezvous: a FileStore (default), or env:// on a free port (a "
+                    "TCPStore served by rank 0, as a script under torchrun)")
     ap.add_argument("--out", type=Path,
                     default=Path(__file__).parent / "results" / "exit_soak.json")
     args = ap.parse_args(argv)
@@ -174,11 +177,13 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = {"jobs_per_row": args.jobs, "rows": rows, "kinds": kinds, "skipped": skipped,
                 "concurrency": args.concurrency, "steps": args.steps, "world": args.world,
-                "timeout_s": args.timeout, "pg_timeout_s": args.pg_timeout, "hook": exit_job.HOOK,
+                "timeout_s": args.timeout, "pg_timeout_s": args.pg_timeout, "init": args.init,
+                "hook": exit_job.HOOK,
                 "accelerate_spec": exit_job.SPEC}
     info = machine("accelerate", uncommitted=_uncommitted(), loadavg_start=os.getloadavg())
     print(f"exit soak: {args.jobs} jobs x {len(rows)} rows, kinds {','.join(kinds)}, "
-          f"{args.world} ranks a job, {args.steps} steps, concurrency {args.concurrency}, "
+          f"{args.world} ranks a job, {args.steps} steps, init {args.init}, "
+          f"concurrency {args.concurrency}, "
           f"timeout {args.timeout:.0f} s; torch {info['torch']}, tritter_comm "
           f"{info['tritter_comm']}, accelerate {info['accelerate']}, python {info['python']}, "
           f"{info['cpu_count']} cpus ({info['cpu_model']}), load average "
