@@ -13,6 +13,7 @@ from torch import nn
 import _fsdp_workers as W
 import tritter_comm
 import tritter_comm.fsdp
+import tritter_comm.hooks.fsdp2
 from _dist import run
 
 HOOK = dict(start_iter=2, min_compress_numel=1000)
@@ -203,7 +204,7 @@ def test_enable_needs_fully_shard_modules():
 
 
 def test_reduce_ops_map_to_the_sum_scaled():
-    scale = tritter_comm.fsdp._scale
+    scale = tritter_comm.hooks.fsdp2._scale
     assert scale(dist.ReduceOp.SUM, 4) == (None, None)
     assert scale(dist.ReduceOp.AVG, 4) == (4.0, None)
     assert scale(dist.ReduceOp.PREMUL_SUM(0.125), 4) == (None, 0.125)
