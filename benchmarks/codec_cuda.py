@@ -230,7 +230,6 @@ def step_projection(repeats: int) -> dict[str, Any]:
                 y = flat.clone()
                 ex.start(y, res)
                 ex.reduce(sres)
-                ex.gather_future().wait()
                 ex.finish(y)
 
             t_ex = _time(exchange, repeats)

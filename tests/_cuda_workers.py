@@ -33,7 +33,6 @@ def exchange_cpu_and_cuda(rank, world, *, n=300_001, steps=3, mode="int2"):
             y = x.to(dev).clone()
             ex.start(y, res)
             ex.reduce(sres)
-            ex.gather_future().wait()
             ys.append(ex.finish(y).cpu())
         out[dev] = {"ys": ys, "res": res.cpu(), "sres": sres.cpu()}
     cpu, gpu = out["cpu"], out["cuda"]
