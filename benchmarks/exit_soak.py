@@ -33,6 +33,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import signal
 import statistics
 import sys
 import threading
@@ -207,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
                 el = time.perf_counter() - t0
                 print(f"  {n}/{len(jobs)} jobs, {el:.0f} s, {el / n:.1f} s a job", flush=True)
 
+    def on_term(signum, frame):  # SIGTERM as Ctrl-C: what finished is written
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
     pool = cf.ThreadPoolExecutor(max_workers=args.concurrency)
     try:
         futures = [pool.submit(_run, j, args) for j in jobs]
