@@ -212,19 +212,8 @@ class VSAConfig:
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> Optional["VSAConfig"]:
         """What ``TRITTER_COMM_CONFIG`` and ``TRITTER_COMM`` set; None where neither is set or
         either says ``none``-only (``TRITTER_COMM=none`` turns a file's configuration off)."""
-        env = os.environ if environ is None else environ
-        path, spec = env.get(ENV_CONFIG, "").strip(), env.get(ENV_SPEC, "").strip()
-        if not path and not spec:
-            return None
-        base = _read_file(Path(path)) if path else {}
-        source = path or ""
-        if spec:
-            hook, items = _split_spec(spec)
-            if hook == "none":
-                return None
-            base = {**{k: v for k, v in base.items() if k != "hook"}, **items}
-            source = f"{path} + {ENV_SPEC}={spec!r}" if path else f"{ENV_SPEC}={spec!r}"
-        return _from_mapping(base, source)
+        config = from_env(environ)  # the one reading of the two variables
+        return None if config is None else config.vsa
 
 
 def agreed_fields() -> tuple:
