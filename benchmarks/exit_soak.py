@@ -22,6 +22,11 @@ row alike.
     python benchmarks/exit_soak.py                       # 500 jobs a row, all rows
     python benchmarks/exit_soak.py --jobs 40
     python benchmarks/exit_soak.py --rows plain-hook,plain-nohook --kinds ddp --jobs 100
+    python benchmarks/exit_soak.py --combine a.json b.json --out all.json   # runs added up
+
+``--combine`` adds up the jobs of earlier runs (of the same tritter-comm version: each run's
+machine, settings and package version are kept beside the total) into one table, so that a
+soak too long for one sitting can be run in parts.
 """
 
 from __future__ import annotations
@@ -139,8 +144,38 @@ def details(results: list[dict]) -> list[str]:
             for (row, kind, outcome, detail), n in c.most_common()]
 
 
+def combine(paths: list[Path], out: Path) -> int:
+    """Add up the jobs of earlier runs' JSON files into one table (written to ``out``)."""
+    if len({p.resolve() for p in paths}) < len(paths):
+        raise SystemExit("a run is named twice: its jobs would count twice")
+    runs = [json.loads(p.read_text()) for p in paths]
+    versions = {r["machine"].get("tritter_comm") for r in runs}
+    if len(versions) > 1:
+        raise SystemExit(f"runs of different tritter-comm versions: {sorted(map(str, versions))}")
+    results = [j for r in runs for j in r["jobs"]]
+    rows = [row for row in ROWS if any(j["row"] == row for j in results)]
+    kinds = [k for k in exit_job.KINDS if any(j["kind"] == k for j in results)]
+    print(table(results, rows, kinds))
+    print()
+    for line in details(results):
+        print(line)
+    print(f"{len(results)} jobs from {len(runs)} runs: "
+          + ", ".join(f"{p.name} ({len(r['jobs'])} jobs, {r['machine'].get('cpu_count')} cpus, "
+                      f"interrupted {r['interrupted']})" for p, r in zip(paths, runs)))
+    report_json = {"benchmark": "exit_soak", "combined_from": [
+        {"file": p.name, "machine": r["machine"], "settings": r["settings"],
+         "interrupted": r["interrupted"], "jobs": len(r["jobs"])} for p, r in zip(paths, runs)],
+        "table": table(results, rows, kinds), "jobs": results}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report_json, indent=1))
+    print(f"wrote {out}")
+    return int(any(j["outcome"] != "ok" for j in results if j["row"].startswith("ours")))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--combine", type=Path, nargs="+", metavar="JSON",
+                    help="add up these runs' jobs into one table (--out), run nothing")
     ap.add_argument("--jobs", type=int, default=500, help="jobs per row (default 500)")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {list(ROWS)}")
     ap.add_argument("--kinds", default=",".join(exit_job.KINDS),
@@ -158,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path,
                     default=Path(__file__).parent / "results" / "exit_soak.json")
     args = ap.parse_args(argv)
+    if args.combine:
+        return combine(args.combine, args.out)
     rows = [r for r in args.rows.split(",") if r]
     kinds = [k for k in args.kinds.split(",") if k]
     for r in rows:
