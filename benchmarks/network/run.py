@@ -159,10 +159,10 @@ def run_group(*, world: int, link: str, wl: str, modes: list[str], net: Optional
                    MKL_NUM_THREADS="1", MASTER_PORT=port)
         if net is None or link == "loopback":
             env.update(MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo")
-            prefix = ["ip", "netns", "exec", net.ns(0)] if net is not None else []
+            prefix = netns.exec_prefix(net.ns(0)) if net is not None else []
         else:
             env.update(MASTER_ADDR=net.addr(0), GLOO_SOCKET_IFNAME=netns.IFNAME)
-            prefix = ["ip", "netns", "exec", net.ns(r)]
+            prefix = netns.exec_prefix(net.ns(r))
         log = open(workdir / f"{tag}.rank{r}.log", "w")
         p = subprocess.Popen(prefix + [sys.executable, "-m", "benchmarks.network.rank",
                                        str(spec_path)],
@@ -230,7 +230,7 @@ def run_ttt(args: argparse.Namespace, net: Optional[netns.Network], workdir: Pat
            "transformer", "--modes", ",".join(TTT_MODES), "--seeds", "0", "--steps",
            str(args.ttt_steps), "--out", str(out)]
     if net is not None:  # its ranks use 127.0.0.1: run them on the namespace's own loopback
-        cmd = ["ip", "netns", "exec", net.ns(0)] + cmd
+        cmd = netns.exec_prefix(net.ns(0)) + cmd
     print(f"time to target: {' '.join(cmd[-12:])}", flush=True)
     with open(workdir / "ttt.log", "w") as log:
         p = subprocess.Popen(cmd, cwd=_ROOT, stdout=log, stderr=subprocess.STDOUT,
