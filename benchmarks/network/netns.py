@@ -180,7 +180,14 @@ class _Pyroute2:
         return found[0]
 
     def add_ns(self, ns: str) -> None:
-        self._netns.create(ns)
+        # pyroute2's netns.create forks this process to unshare; a forked copy of a runner
+        # inherits its signal handlers and `finally` blocks (which delete namespaces), so the
+        # unshare runs in a fresh interpreter instead
+        r = subprocess.run([sys.executable, "-c", "import sys; from pyroute2 import netns; "
+                            "netns._create(sys.argv[1])", ns],
+                           capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError(f"creating namespace {ns}: {r.stderr.strip()[-500:]}")
         self.up(ns, "lo")
 
     def del_ns(self, ns: str) -> None:

@@ -69,11 +69,21 @@ DELAY_MS = 0.5
 # CPU step allows; "small" (~0.47M parameters, 16 sequences of 64) where it barely does.
 # Timed steps: at least `timed`, more (up to `max_timed`) while they add up to less than
 # --timed-budget seconds: cheap steps are noisier on a shared machine, so they get more repeats.
+# "xl" (~303M parameters, 4 sequences of 128 per rank) is for GPU ranks (--device cuda): a
+# step of it takes minutes on one CPU core. "mlp" (issue 17): 3 x Linear(4096, 4096), ~50M
+# parameters, 8 samples per rank: far less compute than exchange, on a CPU core too;
+# "mlp-small" (~2.1M) for smoke runs.
 WORKLOADS = {
     "large": dict(workload="transformer", size="large", batch_size=1, warmup=3, timed=3,
                   max_timed=12),
     "small": dict(workload="transformer", size="small", batch_size=None, warmup=4, timed=10,
                   max_timed=40),
+    "xl": dict(workload="transformer", size="xl", batch_size=None, warmup=2, timed=2,
+               max_timed=6),
+    "mlp": dict(workload="wide_mlp", size="large", batch_size=None, warmup=3, timed=3,
+                max_timed=12),
+    "mlp-small": dict(workload="wide_mlp", size="small", batch_size=None, warmup=3, timed=4,
+                      max_timed=20),
 }
 # Modes: the label is the row name; options go to the hook state. The step-time runs start
 # compressing at iteration 2 (the hook's default start_iter is 100, the convergence choice) so
@@ -82,11 +92,17 @@ HOOK_START = 2
 MODES = {
     "none": ("none", {}),
     "fp16": ("fp16", {}),
-    "powersgd4": ("powersgd4", {}),
+    "bf16": ("bf16", {}),  # PyTorch's bf16_compress_hook (rank.LOCAL_MODES)
+    "powersgd4": ("powersgd4", {}),  # one bucket (comm.bucket_cap_mb_for)
+    "vsa": ("vsa", {"start_iter": HOOK_START}),  # VSAConfig's defaults (int2)
     "vsa-ternary": ("vsa-ternary", {"start_iter": HOOK_START}),
     "vsa-sign": ("vsa-sign", {"start_iter": HOOK_START}),
+    "vsa+auto": ("vsa", {"start_iter": HOOK_START, "auto": True}),
     "vsa-ternary+auto": ("vsa-ternary", {"start_iter": HOOK_START, "auto": True}),
 }
+# --modes default: the rows of the CPU runs so far (the full matrix's run time stays as it was)
+DEFAULT_MODES = ("none", "fp16", "powersgd4", "vsa-ternary", "vsa-sign", "vsa-ternary+auto")
+STATELESS = ("none", "fp16", "bf16")
 TTT_MODES = ("none", "fp16", "powersgd4", "vsa-ternary", "vsa-sign")
 # The load of a shared machine drifts by tens of percent within minutes, more than the
 # differences measured here; so every mode is timed step for step beside a no-hook model in the
@@ -111,7 +127,12 @@ def _end_children() -> None:
     _children.clear()
 
 
+_MAIN_PID = os.getpid()
+
+
 def _on_signal(signum, frame):
+    if os.getpid() != _MAIN_PID:  # a forked child (a library's helper): not ours to unwind
+        os._exit(128 + signum)
     # unwinds through every `finally`: rank processes, then namespaces
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
@@ -124,7 +145,7 @@ def _on_signal(signum, frame):
 def _warmup(mode: str, warmup: int) -> int:
     """Warm-up steps: DDP rebuilds its buckets after step 0; a stateful hook (PowerSGD, VSA)
     compresses from step 2 (allocating its residuals): one more step before timing."""
-    return warmup if MODES[mode][0] not in ("none", "fp16") else max(2, warmup - 1)
+    return warmup if MODES[mode][0] not in STATELESS else max(2, warmup - 1)
 
 
 def run_group(*, world: int, link: str, wl: str, modes: list[str], net: Optional[netns.Network],
@@ -137,14 +158,14 @@ def run_group(*, world: int, link: str, wl: str, modes: list[str], net: Optional
         "workload": cfg["workload"], "size": cfg["size"], "batch_size": cfg["batch_size"],
         "seed": 0, "timed_budget_s": args.timed_budget,
         "collective_timeout_s": args.collective_timeout,
-        "results": str(results), "progress": str(progress),
+        "results": str(results), "progress": str(progress), "device": args.device,
         "modes": [{"label": m, "comm": MODES[m][0], "options": MODES[m][1],
                    "warmup": _warmup(m, steps["warmup"]), "timed": steps["timed"],
                    "max_timed": steps["max_timed"],
                    # each mode step for step beside a no-hook model (see add_speedups), except
                    # at 100 Mbit/s, where a no-hook step takes ~15 s and dwarfs the drift
                    "pair_with": ("none" if m != "none" and link not in UNPAIRED_LINKS
-                                 else None)}
+                                 and not args.no_pair else None)}
                   for m in modes],
     }
     spec_path = workdir / f"{tag}.spec.json"
@@ -275,8 +296,19 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="smoke test: 2 ranks, loopback and 1gbit, 2 timed steps, short TTT run")
     ap.add_argument("--worlds", default="2,3")
     ap.add_argument("--links", default=",".join(LINKS), help=f"of {', '.join(LINKS)}")
-    ap.add_argument("--workloads", default="large,small", help="large, small")
-    ap.add_argument("--modes", default=",".join(MODES), help=f"of {', '.join(MODES)}")
+    ap.add_argument("--workloads", default="large,small", help=f"of {', '.join(WORKLOADS)}")
+    ap.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"of {', '.join(MODES)}")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="where the ranks' models and batches live: cpu (one thread per rank) "
+                         "or cuda (every rank on cuda:0: two processes share the one GPU; gloo "
+                         "carries the CUDA tensors)")
+    ap.add_argument("--no-pair", action="store_true",
+                    help="time every mode alone (speedups: ratios of medians) instead of step "
+                         "for step beside a no-hook model: half the no-hook steps, for a "
+                         "machine that is not shared")
+    ap.add_argument("--links-for", action="append", default=[], metavar="WORKLOAD=LINKS",
+                    help="run WORKLOAD on these links only (comma-separated), e.g. "
+                         "xl=10gbit: a 300M model's no-hook step takes ~10 s at 1 Gbit/s")
     ap.add_argument("--world3-links", default="1gbit",
                     help="links run with 3 ranks (default: 1gbit only, to keep the full matrix "
                          "near 20 min on 2 cores)")
@@ -328,6 +360,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.target_loss = 2.9 if args.quick else 2.35
     if args.out is None:
         args.out = QUICK_OUT if args.quick else DEFAULT_OUT
+    if args.device == "cuda":
+        args.device = "cuda:0"
     worlds = [int(w) for w in _csv(args.worlds)]
     links, wls, modes = _csv(args.links), _csv(args.workloads), _csv(args.modes)
     for name, seq, known in (("link", links, LINKS), ("workload", wls, WORKLOADS),
@@ -337,13 +371,22 @@ def main(argv: Optional[list[str]] = None) -> int:
             ap.error(f"unknown {name} {bad}; choose from {', '.join(known)}")
     if any(w < 2 for w in worlds):
         ap.error("--worlds: 2 or more ranks")
+    links_for: dict[str, set] = {}
+    for item in args.links_for:
+        wl, _, lks = item.partition("=")
+        if wl not in WORKLOADS or not lks or any(lk not in LINKS for lk in _csv(lks)):
+            ap.error(f"--links-for {item!r}: WORKLOAD=LINK[,LINK] with a workload of "
+                     f"{', '.join(WORKLOADS)} and links of {', '.join(LINKS)}")
+        links_for[wl] = set(_csv(lks))
     world3_links = set(_csv(args.world3_links))
 
     notes = []
     use_netns = not args.no_netns
+    netns_via = None
     if use_netns:
         try:
-            netns.check_available()
+            netns_via = netns.check_available()
+            print(f"network namespaces: via {netns_via}", flush=True)
         except netns.NetnsUnavailable as e:
             use_netns = False
             notes.append(f"network namespaces unavailable ({e}): ran unthrottled on the "
@@ -355,6 +398,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         links = ["loopback"]
         if dropped:
             print(f"NOTE: {notes[-1]}; skipping links {', '.join(dropped)}", flush=True)
+
+    if args.device != "cpu":
+        notes.append(f"GPU ranks: every rank's model and batches on {args.device} (the ranks "
+                     "share the one GPU); gloo carries the CUDA tensors (through host memory)")
+    if args.no_pair:
+        notes.append("--no-pair: each mode timed alone; speedups are ratios of median step "
+                     "times")
 
     # also SIGINT: a job started in the background of a script inherits it ignored
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -368,10 +418,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         for world in worlds:
             net = netns.Network(world) if use_netns else None
+            world_links = links
             try:
                 if net is not None:
-                    net.create()
-                for link in links:
+                    try:
+                        net.create()
+                    except Exception as e:  # e.g. no bridge for 3 ranks: measure what works
+                        net.close()
+                        net = None
+                        world_links = ["loopback"] if "loopback" in links else []
+                        notes.append(f"{world} ranks: the namespaces could not be made "
+                                     f"({type(e).__name__}: {e}); ran "
+                                     + ("unthrottled on the host's loopback only"
+                                        if world_links else "nothing"))
+                        print(f"NOTE: {notes[-1]}", flush=True)
+                for link in world_links:
                     if world > 2 and link not in world3_links:
                         continue
                     if net is not None:
@@ -386,6 +447,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                                     notes.append(note)
                                     print(f"NOTE: {note}", flush=True)
                     for wl in wls:
+                        if wl in links_for and link not in links_for[wl]:
+                            continue
                         cfg = WORKLOADS[wl]
                         timed = args.timed or (2 if args.quick else cfg["timed"])
                         steps = {"warmup": args.warmup or cfg["warmup"], "timed": timed,
@@ -434,7 +497,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             "workloads": {k: WORKLOADS[k] for k in wls},
             "modes": {m: MODES[m] for m in modes},
             "hook_start_iter": HOOK_START, "delay_ms": DELAY_MS,
-            "timed_budget_s": args.timed_budget, "netns": use_netns, "topology": topology,
+            "timed_budget_s": args.timed_budget, "netns": use_netns, "netns_via": netns_via,
+            "topology": topology, "device": args.device, "paired": not args.no_pair,
+            "links_for": {k: sorted(v) for k, v in links_for.items()},
             "backend": "gloo", "threads_per_rank": 1, "optimizer": "AdamW",
             "quick": args.quick, "notes": notes,
             "step_time": "median over timed steps of the slowest rank's time; a barrier "
@@ -444,7 +509,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "goodput_mbit": [{"world": w, "link": lk, "mbit": v} for (w, lk), v in goodput.items()],
         "time_to_target": ttt,
         "command": cmd,
-        "targets": check_targets(rows),
+        "targets": check_targets(rows, args.device),
         "total_wall_s": total,
         "results": rows,
     }
