@@ -18,6 +18,7 @@ the hook's first decision: the probe and trial steps are not timed).
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import gc
 import json
@@ -107,6 +108,25 @@ def _stop(rank: int, decide: bool) -> bool:
     return bool(flag.item())
 
 
+_PRISTINE: dict[tuple, Any] = {}
+
+
+def _fresh_workload(spec: dict[str, Any]) -> workloads.Workload:
+    """The spec's workload with a fresh copy of its initial model. Built once per process and
+    copied for each mode: the init is the same either way, and building the 300M model (its
+    init draws 600M random numbers on one core) would cost seconds per mode."""
+    key = (spec["workload"], spec["size"], spec["seed"], spec.get("batch_size"))
+    if key not in _PRISTINE:
+        w = workloads.build(spec["workload"], seed=spec["seed"], size=spec["size"])
+        if spec.get("batch_size"):
+            w.batch_size = spec["batch_size"]
+        _PRISTINE.clear()
+        _PRISTINE[key] = w
+    w = copy.copy(_PRISTINE[key])
+    w.model = copy.deepcopy(_PRISTINE[key].model)
+    return w
+
+
 class _Run:
     """One comm mode's model, DDP wrapper, hook state and optimizer, stepped one at a time."""
 
@@ -115,9 +135,7 @@ class _Run:
         self.rank, self.world, self.name = rank, world, name
         self.device = torch.device(spec.get("device", "cpu"))
         self.cuda = self.device.type == "cuda"
-        self.w = workloads.build(spec["workload"], seed=spec["seed"], size=spec["size"])
-        if spec.get("batch_size"):
-            self.w.batch_size = spec["batch_size"]
+        self.w = _fresh_workload(spec)
         self.w.model.to(self.device)
         # Every rank builds the same init from the seed: skip DDP's broadcast of the
         # parameters, which would cost as much as a step on the slow links.

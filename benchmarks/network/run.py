@@ -415,64 +415,82 @@ def main(argv: Optional[list[str]] = None) -> int:
     shaping: dict = {}
     ttt: dict = {}
     t_start = time.perf_counter()
+    current: dict = {}  # the group running now: its finished modes survive an interruption
+    interrupted = None
     try:
-        for world in worlds:
-            net = netns.Network(world) if use_netns else None
-            world_links = links
-            try:
-                if net is not None:
-                    try:
-                        net.create()
-                    except Exception as e:  # e.g. no bridge for 3 ranks: measure what works
-                        net.close()
-                        net = None
-                        world_links = ["loopback"] if "loopback" in links else []
-                        notes.append(f"{world} ranks: the namespaces could not be made "
-                                     f"({type(e).__name__}: {e}); ran "
-                                     + ("unthrottled on the host's loopback only"
-                                        if world_links else "nothing"))
-                        print(f"NOTE: {notes[-1]}", flush=True)
-                for link in world_links:
-                    if world > 2 and link not in world3_links:
-                        continue
+        try:
+            for world in worlds:
+                net = netns.Network(world) if use_netns else None
+                world_links = links
+                try:
                     if net is not None:
-                        if link == "loopback":
-                            shaping[(world, link)] = {"rate_mbit": None, "qdisc": "lo"}
-                        else:
-                            shaping[(world, link)] = net.shape(LINKS[link], DELAY_MS)
-                            goodput[(world, link)] = netns.goodput_mbit(net, 1.0)
-                            if "note" in shaping[(world, link)]:
-                                note = shaping[(world, link)]["note"]
-                                if note not in notes:
-                                    notes.append(note)
-                                    print(f"NOTE: {note}", flush=True)
-                    for wl in wls:
-                        if wl in links_for and link not in links_for[wl]:
+                        try:
+                            net.create()
+                        except Exception as e:  # e.g. no bridge for 3 ranks: measure what works
+                            net.close()
+                            net = None
+                            world_links = ["loopback"] if "loopback" in links else []
+                            notes.append(f"{world} ranks: the namespaces could not be made "
+                                         f"({type(e).__name__}: {e}); ran "
+                                         + ("unthrottled on the host's loopback only"
+                                            if world_links else "nothing"))
+                            print(f"NOTE: {notes[-1]}", flush=True)
+                    for link in world_links:
+                        if world > 2 and link not in world3_links:
                             continue
-                        cfg = WORKLOADS[wl]
-                        timed = args.timed or (2 if args.quick else cfg["timed"])
-                        steps = {"warmup": args.warmup or cfg["warmup"], "timed": timed,
-                                 "max_timed": timed if args.quick or args.timed
-                                 else cfg["max_timed"]}
-                        t0 = time.perf_counter()
-                        print(f"[{world} ranks, {LINK_LABEL[link]}, {wl}] "
-                              f"{', '.join(modes)} ...", flush=True)
-                        got = run_group(world=world, link=link, wl=wl, modes=modes, net=net,
-                                        workdir=workdir, args=args, steps=steps)
-                        rows.extend(got)
-                        for r in got:
-                            print("    " + (f"{r['label']}: {r['step_s_median']:.3f} s/step, "
-                                             f"{_fmt_bytes(r['bytes_per_step'])}/step"
-                                             if "step_s_median" in r else
-                                             f"{r['label']}: FAILED {r['error'][-300:]}"),
-                                  flush=True)
-                        print(f"    ({time.perf_counter() - t0:.0f} s)", flush=True)
-                if (not args.no_ttt and world == 2 and "small" in wls):
-                    ttt = run_ttt(args, net, workdir)
-            finally:
-                _end_children()
-                if net is not None:
-                    net.close()
+                        if net is not None:
+                            if link == "loopback":
+                                shaping[(world, link)] = {"rate_mbit": None, "qdisc": "lo"}
+                            else:
+                                shaping[(world, link)] = net.shape(LINKS[link], DELAY_MS)
+                                goodput[(world, link)] = netns.goodput_mbit(net, 1.0)
+                                if "note" in shaping[(world, link)]:
+                                    note = shaping[(world, link)]["note"]
+                                    if note not in notes:
+                                        notes.append(note)
+                                        print(f"NOTE: {note}", flush=True)
+                        for wl in wls:
+                            if wl in links_for and link not in links_for[wl]:
+                                continue
+                            cfg = WORKLOADS[wl]
+                            timed = args.timed or (2 if args.quick else cfg["timed"])
+                            steps = {"warmup": args.warmup or cfg["warmup"], "timed": timed,
+                                     "max_timed": timed if args.quick or args.timed
+                                     else cfg["max_timed"]}
+                            t0 = time.perf_counter()
+                            print(f"[{world} ranks, {LINK_LABEL[link]}, {wl}] "
+                                  f"{', '.join(modes)} ...", flush=True)
+                            current = dict(world=world, link=link, workload=wl,
+                                           path=workdir / f"{wl}-w{world}-{link}.jsonl")
+                            got = run_group(world=world, link=link, wl=wl, modes=modes, net=net,
+                                            workdir=workdir, args=args, steps=steps)
+                            current = {}
+                            rows.extend(got)
+                            for r in got:
+                                print("    " + (f"{r['label']}: {r['step_s_median']:.3f} s/step, "
+                                                 f"{_fmt_bytes(r['bytes_per_step'])}/step"
+                                                 if "step_s_median" in r else
+                                                 f"{r['label']}: FAILED {r['error'][-300:]}"),
+                                      flush=True)
+                            print(f"    ({time.perf_counter() - t0:.0f} s)", flush=True)
+                    if (not args.no_ttt and world == 2 and "small" in wls):
+                        ttt = run_ttt(args, net, workdir)
+                finally:
+                    _end_children()
+                    if net is not None:
+                        net.close()
+        except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, or `timeout`'s SIGTERM
+            interrupted = e
+            if current and current["path"].exists():
+                for line in current["path"].read_text().splitlines():
+                    rec = json.loads(line)
+                    if "error" not in rec:
+                        rec.update(world=current["world"], link=current["link"],
+                                   workload=current["workload"])
+                        rows.append(rec)
+            notes.append(f"INTERRUPTED ({type(e).__name__}) after "
+                         f"{time.perf_counter() - t_start:.0f} s: the rows that finished are here")
+            print(f"NOTE: {notes[-1]}", flush=True)
     finally:
         _end_children()
         left = [n for n in (netns.list_namespaces() if use_netns else [])
@@ -523,6 +541,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"total {total:.0f} s; wrote {args.out}, {args.out.with_suffix('.md')}"
           + (f" and {args.out.with_suffix('.png')}" if plotted else ""))
+    if interrupted is not None:
+        return 130 if isinstance(interrupted, KeyboardInterrupt) else 143
     return 1 if failed else 0
 
 
