@@ -11,8 +11,15 @@ loopback    all ranks in one namespace on its ``lo``: unthrottled
 100mbit     same, 100 Mbit/s
 ==========  =====================================================================================
 
-with a 0.5 ms one-way delay where the kernel has ``sch_netem`` (see ``netns.py``). Without root
-(or without ``ip``/``tc``) it says so and runs the ``loopback`` link only, on the host's loopback.
+with a 0.5 ms one-way delay where the kernel has ``sch_netem`` (see ``netns.py``). Namespaces and
+``tc`` go through iproute2's ``ip`` and ``tc``, or through pyroute2 (netlink from Python) where
+those are missing. Without root (or with neither) it says so and runs the ``loopback`` link
+only, on the host's loopback.
+
+GPU ranks (issue 16): ``--device cuda`` puts every rank's model and batches on ``cuda:0`` (the
+ranks share the one GPU; gloo carries CUDA tensors through host memory) and ends each timed step
+with ``torch.cuda.synchronize``. Workloads for it: ``xl`` (the transformer at ~303M parameters)
+beside ``large`` (~43M); ``mlp`` (issue 17) is link-bound on a CPU as well.
 
 Time to a fixed eval loss: the loss after a given step does not depend on the link (gloo and
 the hooks are deterministic), so ``benchmarks/convergence.py`` trains the small transformer once
@@ -27,6 +34,10 @@ Usage (as root; on a fresh Debian/Ubuntu machine first ``apt-get install -y ipro
     python -m benchmarks.network --quick         # smoke test: 2 ranks, loopback and 1 Gbit/s
     python -m benchmarks.network --worlds 2 --links 1gbit --workloads large --modes none,vsa-ternary
     python -m benchmarks.network --cleanup       # remove namespaces left by a killed run
+    # GPU ranks, ~3 min on one H200 (one line; benchmarks/device_cuda.sh, NETWORK=1, runs it):
+    python -m benchmarks.network --device cuda --worlds 2 --links 1gbit,10gbit
+        --workloads large,xl --links-for xl=10gbit --modes none,bf16,powersgd4,vsa,vsa+auto
+        --no-ttt --no-pair --timed-budget 3
 
 Every namespace is removed on exit, also on Ctrl-C, SIGTERM and errors. The tables, the
 markdown and the plot come from ``report.py``.
@@ -78,7 +89,7 @@ WORKLOADS = {
                   max_timed=12),
     "small": dict(workload="transformer", size="small", batch_size=None, warmup=4, timed=10,
                   max_timed=40),
-    "xl": dict(workload="transformer", size="xl", batch_size=None, warmup=2, timed=2,
+    "xl": dict(workload="transformer", size="xl", batch_size=None, warmup=3, timed=2,
                max_timed=6),
     "mlp": dict(workload="wide_mlp", size="large", batch_size=None, warmup=3, timed=3,
                 max_timed=12),
