@@ -357,8 +357,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.cleanup:
         try:
             removed = netns.cleanup()
-        except FileNotFoundError:
-            print("ip not found: nothing to clean up")
+        except (FileNotFoundError, ImportError) as e:  # neither iproute2 nor pyroute2
+            print(f"cannot clean up ({e}): nothing made here to clean up")
             return 0
         print("removed " + (", ".join(removed) if removed else "nothing"))
         return 0
