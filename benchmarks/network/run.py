@@ -372,6 +372,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.out is None:
         args.out = QUICK_OUT if args.quick else DEFAULT_OUT
     if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: torch sees no CUDA device here")
         args.device = "cuda:0"
     worlds = [int(w) for w in _csv(args.worlds)]
     links, wls, modes = _csv(args.links), _csv(args.workloads), _csv(args.modes)
