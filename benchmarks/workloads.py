@@ -8,10 +8,14 @@ them side by side. Nothing is downloaded.
   training split's statistics, fixed 80/20 split.
 - ``transformer``: a small causal byte-level transformer trained on the Python sources of a fixed,
   sorted list of standard-library modules; the last 10% of the corpus is held out for eval.
+- ``wide_mlp``: a stack of wide ``Linear`` layers on a small batch of synthetic inputs labelled by
+  a fixed random teacher: little compute for many parameters, so the exchange is the step even
+  on a CPU (issue 17's link-bound workload).
 
 ``size="small"`` trains in seconds to minutes on one CPU core per rank (convergence benchmark);
 ``size="large"`` has tens of millions of parameters with a small per-rank batch, so that gradient
-exchange dominates the step (network benchmark).
+exchange dominates the step (network benchmark); ``size="xl"`` (transformer only) has over 300M,
+for GPU ranks.
 
 Example::
 
@@ -41,8 +45,8 @@ from torch import Tensor, nn
 
 __all__ = ["NAMES", "SIZES", "STDLIB_MODULES", "Workload", "build", "stdlib_corpus"]
 
-NAMES = ("digits", "transformer")
-SIZES = ("small", "large")
+NAMES = ("digits", "transformer", "wide_mlp")
+SIZES = ("small", "large", "xl")
 
 # Fixed, sorted list of standard-library modules whose sources form the text corpus. A module that
 # is a package contributes its __init__.py. Modules missing from this Python are skipped; the list
@@ -52,7 +56,7 @@ from tritter_comm._demo import STDLIB_MODULES  # noqa: E402
 
 _HELD_OUT_FRACTION = 0.1
 _DIGITS_SPLIT_SEED = 0  # the train/eval split is fixed, independent of the run seed
-_TAG_DIGITS, _TAG_TEXT = 1, 2  # keep the two workloads' random streams apart
+_TAG_DIGITS, _TAG_TEXT, _TAG_WIDE = 1, 2, 3  # keep the workloads' random streams apart
 
 
 def _generator(*key: int) -> torch.Generator:
@@ -299,6 +303,10 @@ _TRANSFORMER_SIZES: dict[str, dict[str, Any]] = {
     "large": dict(
         d_model=768, n_layers=6, n_heads=12, context=128, batch=4, lr=3e-4, eval_windows=64
     ),
+    # ~303M parameters (24 blocks of 12 * 1024^2): the 300M model of issue 16, for GPU ranks.
+    "xl": dict(
+        d_model=1024, n_layers=24, n_heads=16, context=128, batch=4, lr=1.5e-4, eval_windows=64
+    ),
 }
 
 
@@ -367,13 +375,68 @@ def _build_transformer(seed: int, size: str) -> TransformerWorkload:
     )
 
 
+# ------------------------------------------------------------------------------------ wide MLP
+
+_WIDE_SIZES: dict[str, dict[str, Any]] = {
+    # ~2.1M parameters: for tests and smoke runs.
+    "small": dict(width=1024, depth=2, batch=8, classes=16, lr=1e-3),
+    # ~50M parameters, 3 x Linear(4096, 4096), 8 samples a rank: a few GFLOP a step, 200 MB
+    # of fp32 gradients: the exchange is the step on a 1 Gbit/s link, even on one CPU core.
+    "large": dict(width=4096, depth=3, batch=8, classes=16, lr=3e-4),
+}
+_WIDE_EVAL = 512
+
+
+@dataclass
+class WideMLPWorkload(Workload):
+    width: int
+    teacher: Tensor  # (width, classes): labels are argmax(x @ teacher)
+    x_eval: Tensor
+    y_eval: Tensor
+
+    def _samples(self, g: torch.Generator, n: int) -> tuple[Tensor, Tensor]:
+        x = torch.randn(n, self.width, generator=g)
+        return x, (x @ self.teacher).argmax(dim=1)
+
+    def batch(self, rank: int, world: int, step: int) -> tuple[Tensor, Tensor]:
+        # fresh samples per (seed, step, rank): the ranks' shares are disjoint
+        return self._samples(_generator(_TAG_WIDE, self.seed, step + 1, rank), self.batch_size)
+
+    def eval_loss(self, model: nn.Module) -> float:
+        return self._eval(model, self.x_eval, self.y_eval, chunk=256)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return {**super().info, "width": self.width, "depth": len(self.model) // 2}
+
+
+def _build_wide_mlp(seed: int, size: str) -> WideMLPWorkload:
+    if size not in _WIDE_SIZES:
+        raise ValueError(f"wide_mlp has sizes {', '.join(_WIDE_SIZES)}, not {size!r}")
+    cfg = _WIDE_SIZES[size]
+    width, classes = cfg["width"], cfg["classes"]
+    g = _generator(_TAG_WIDE, seed, 0)
+    teacher = torch.randn(width, classes, generator=g)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _mlp([width] * (cfg["depth"] + 1) + [classes])
+    w = WideMLPWorkload(
+        name="wide_mlp", model=model, seed=seed, size=size, batch_size=cfg["batch"],
+        lr=cfg["lr"], width=width, teacher=teacher, x_eval=torch.empty(0), y_eval=torch.empty(0),
+    )
+    # the eval set: one fixed draw, the same for every seed's batches (step 0 is never a batch)
+    w.x_eval, w.y_eval = w._samples(_generator(_TAG_WIDE, 0, 0, 1 << 20), _WIDE_EVAL)
+    return w
+
+
 def build(name: str, *, seed: int, size: str = "small") -> Workload:
     """Build workload ``name`` with model init and batch order fixed by ``seed``.
 
     Args:
-        name: ``"digits"`` or ``"transformer"``.
+        name: ``"digits"``, ``"transformer"`` or ``"wide_mlp"``.
         seed: non-negative int; the same seed gives the same init on every rank.
-        size: ``"small"`` (CPU convergence runs) or ``"large"`` (tens of millions of parameters).
+        size: ``"small"`` (CPU convergence runs), ``"large"`` (tens of millions of parameters)
+            or ``"xl"`` (the transformer only: over 300M parameters).
     """
     if name not in NAMES:
         raise ValueError(f"unknown workload {name!r}; choose one of {', '.join(NAMES)}")
@@ -381,4 +444,8 @@ def build(name: str, *, seed: int, size: str = "small") -> Workload:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if name == "wide_mlp":
+        return _build_wide_mlp(seed, size)
+    if size == "xl" and name != "transformer":
+        raise ValueError(f"size 'xl' is for the transformer only, not {name!r}")
     return _build_digits(seed, size) if name == "digits" else _build_transformer(seed, size)

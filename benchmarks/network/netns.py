@@ -16,6 +16,12 @@ Delay needs the kernel's ``sch_netem``; rate uses ``netem``'s child ``tbf`` or, 
 missing (as on some container kernels), ``tbf`` alone, and the link then has no added delay:
 :attr:`Network.shaping` records which was applied.
 
+Two ways to do it: the ``ip`` and ``tc`` binaries of iproute2 where they exist, else netlink through
+pyroute2 (pure Python: ``pip install pyroute2``), for machines without iproute2 such as the GPU
+image of issue 16. ``TRITTER_NETNS_BACKEND=ip`` or ``=pyroute2`` forces one. With pyroute2 a
+process enters a namespace through ``_nsexec.py`` (``setns`` then ``exec``), in place of
+``ip netns exec``: :func:`exec_prefix` gives the command prefix for either.
+
 Every namespace is named ``tcnb-<pid>-<role>``; deleting a namespace deletes its veth ends, and
 deleting either end of a veth deletes the pair. :func:`cleanup` removes leftovers of any run
 (``python -m benchmarks.network --cleanup``).
@@ -26,7 +32,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 PREFIX = "tcnb-"
@@ -38,6 +46,28 @@ class NetnsUnavailable(RuntimeError):
     """Namespaces or tc cannot be used here (not root, tools missing, kernel refuses)."""
 
 
+NETNS_DIR = "/var/run/netns"  # where both iproute2 and pyroute2 keep named namespaces
+BACKEND_ENV = "TRITTER_NETNS_BACKEND"
+
+
+def backend() -> str:
+    """``"ip"`` (iproute2's binaries) or ``"pyroute2"`` (netlink from Python): the environment's
+    choice, else ``ip`` where both ``ip`` and ``tc`` are on the PATH."""
+    forced = os.environ.get(BACKEND_ENV, "").strip()
+    if forced:
+        if forced not in ("ip", "pyroute2"):
+            raise ValueError(f"{BACKEND_ENV}={forced!r}: use 'ip' or 'pyroute2'")
+        return forced
+    return "ip" if shutil.which("ip") and shutil.which("tc") else "pyroute2"
+
+
+def exec_prefix(ns: str) -> list[str]:
+    """The command prefix that runs a command inside namespace ``ns``."""
+    if backend() == "ip":
+        return ["ip", "netns", "exec", ns]
+    return [sys.executable, str(Path(__file__).with_name("_nsexec.py")), ns]
+
+
 def _ip(*args: str, ns: Optional[str] = None, check: bool = True) -> subprocess.CompletedProcess:
     cmd = (["ip", "netns", "exec", ns] if ns else []) + list(args)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
@@ -47,8 +77,34 @@ def _ip(*args: str, ns: Optional[str] = None, check: bool = True) -> subprocess.
 
 
 def list_namespaces() -> list[str]:
+    if backend() == "pyroute2":
+        try:
+            return sorted(os.listdir(NETNS_DIR))
+        except FileNotFoundError:
+            return []
     r = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30)
     return [line.split()[0] for line in r.stdout.splitlines() if line.strip()]
+
+
+def _ns_pids(ns: str) -> list[int]:
+    if backend() == "pyroute2":
+        from pyroute2 import netns as pnetns
+
+        return pnetns.ns_pids().get(ns, [])
+    return [int(p) for p in _ip("ip", "netns", "pids", ns, check=False).stdout.split()
+            if p.isdigit()]
+
+
+def _del_ns(ns: str) -> None:
+    if backend() == "pyroute2":
+        from pyroute2 import netns as pnetns
+
+        try:
+            pnetns.remove(ns)
+        except OSError:
+            pass
+    else:
+        _ip("ip", "netns", "del", ns, check=False)
 
 
 def cleanup(prefix: str = PREFIX) -> list[str]:
@@ -57,35 +113,174 @@ def cleanup(prefix: str = PREFIX) -> list[str]:
     for ns in list_namespaces():
         if ns.startswith(prefix):
             # leftover ranks of an interrupted run keep a namespace alive: end them first
-            pids = _ip("ip", "netns", "pids", ns, check=False).stdout.split()
-            for pid in pids:
+            for pid in _ns_pids(ns):
                 try:
-                    os.kill(int(pid), 9)
-                except (ProcessLookupError, ValueError):
+                    os.kill(pid, 9)
+                except ProcessLookupError:
                     pass
-            _ip("ip", "netns", "del", ns, check=False)
+            _del_ns(ns)
             removed.append(ns)
     return removed
 
 
-def check_available() -> None:
-    """Raise :class:`NetnsUnavailable` with the reason if namespaces cannot be used here."""
+def check_available() -> str:
+    """The backend to use (see :func:`backend`); raise :class:`NetnsUnavailable` with the
+    reason if namespaces cannot be used here."""
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         raise NetnsUnavailable("not root (network namespaces and tc need root)")
-    missing = [t for t in ("ip", "tc") if shutil.which(t) is None]
-    if missing:
-        raise NetnsUnavailable(
-            f"{' and '.join(missing)} not found: install iproute2 "
-            "(`apt-get install -y iproute2` on Debian/Ubuntu)"
-        )
+    how = backend()
+    if how == "ip":
+        missing = [t for t in ("ip", "tc") if shutil.which(t) is None]
+        if missing:
+            raise NetnsUnavailable(f"{' and '.join(missing)} not found ({BACKEND_ENV}=ip)")
+    else:
+        try:
+            import pyroute2  # noqa: F401
+        except ImportError:
+            raise NetnsUnavailable(
+                "neither iproute2 (`ip`, `tc`) nor pyroute2 is installed: "
+                "`apt-get install -y iproute2` or `pip install pyroute2`") from None
     probe = f"{PREFIX}{os.getpid()}-probe"
     try:
-        r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True,
-                           timeout=30)
-        if r.returncode != 0:
-            raise NetnsUnavailable(f"`ip netns add` failed: {r.stderr.strip()}")
+        # a namespace, a veth pair in it and a tbf qdisc on it: all the benchmark needs
+        net = Network(2, tag=probe)
+        try:
+            net.create()
+            net.shape(1000.0, delay_ms=0.0)
+        except Exception as e:
+            raise NetnsUnavailable(f"{how}: {type(e).__name__}: {e}") from None
+        finally:
+            net.close()
     finally:
-        subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=30)
+        for ns in list_namespaces():
+            if ns.startswith(probe):
+                _del_ns(ns)
+    return how
+
+
+class _Pyroute2:
+    """The few netlink operations :class:`Network` needs, one socket per namespace."""
+
+    def __init__(self) -> None:
+        from pyroute2 import IPRoute
+        from pyroute2 import netns as pnetns
+
+        self._IPRoute, self._netns = IPRoute, pnetns
+        self._socks: dict[str, object] = {}
+
+    def ipr(self, ns: str):
+        if ns not in self._socks:
+            self._socks[ns] = self._IPRoute(netns=ns)
+        return self._socks[ns]
+
+    def index(self, ns: str, dev: str) -> int:
+        found = self.ipr(ns).link_lookup(ifname=dev)
+        if not found:
+            raise RuntimeError(f"no interface {dev} in namespace {ns}")
+        return found[0]
+
+    def add_ns(self, ns: str) -> None:
+        # pyroute2's netns.create forks this process to unshare; a forked copy of a runner
+        # inherits its signal handlers and `finally` blocks (which delete namespaces), so the
+        # unshare runs in a fresh interpreter instead
+        r = subprocess.run([sys.executable, "-c", "import sys; from pyroute2 import netns; "
+                            "netns._create(sys.argv[1])", ns],
+                           capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError(f"creating namespace {ns}: {r.stderr.strip()[-500:]}")
+        self.up(ns, "lo")
+
+    def del_ns(self, ns: str) -> None:
+        sock = self._socks.pop(ns, None)
+        if sock is not None:
+            sock.close()
+        _del_ns(ns)
+
+    def up(self, ns: str, dev: str) -> None:
+        self.ipr(ns).link("set", index=self.index(ns, dev), state="up")
+
+    def veth(self, ns: str, dev: str, peer: str, peer_ns: str) -> None:
+        self.ipr(ns).link("add", ifname=dev, kind="veth",
+                          peer={"ifname": peer, "net_ns_fd": peer_ns})
+
+    def bridge(self, ns: str, dev: str) -> None:
+        self.ipr(ns).link("add", ifname=dev, kind="bridge")
+
+    def master(self, ns: str, dev: str, master: str) -> None:
+        self.ipr(ns).link("set", index=self.index(ns, dev), master=self.index(ns, master))
+
+    def addr(self, ns: str, dev: str, cidr: str) -> None:
+        a, n = cidr.split("/")
+        self.ipr(ns).addr("add", index=self.index(ns, dev), address=a, prefixlen=int(n))
+
+    def qdisc_del(self, ns: str, dev: str) -> None:
+        try:
+            self.ipr(ns).tc("del", index=self.index(ns, dev), root=True)
+        except Exception:  # nothing to delete: EINVAL/ENOENT
+            pass
+
+    def netem(self, ns: str, dev: str, delay_ms: float) -> None:
+        # pyroute2 takes the delay in microseconds; handle 1: as with `tc ... handle 1: netem`
+        self.ipr(ns).tc("add", "netem", index=self.index(ns, dev), handle="1:",
+                        delay=int(round(delay_ms * 1000)), limit=100000)
+
+    def tbf(self, ns: str, dev: str, bits: float, burst: int, limit: int,
+            parent: Optional[str] = None) -> None:
+        kw = {"parent": parent, "handle": "10:"} if parent else {"handle": "1:"}
+        self.ipr(ns).tc("add", "tbf", index=self.index(ns, dev), rate=f"{int(bits)}bit",
+                        burst=burst, limit=limit, **kw)
+
+    def close(self) -> None:
+        for sock in self._socks.values():
+            sock.close()
+        self._socks.clear()
+
+
+class _Iproute2:
+    """The same operations through iproute2's ``ip`` and ``tc``."""
+
+    def add_ns(self, ns: str) -> None:
+        _ip("ip", "netns", "add", ns)
+        self.up(ns, "lo")
+
+    def del_ns(self, ns: str) -> None:
+        _ip("ip", "netns", "del", ns, check=False)
+
+    def up(self, ns: str, dev: str) -> None:
+        _ip("ip", "link", "set", dev, "up", ns=ns)
+
+    def veth(self, ns: str, dev: str, peer: str, peer_ns: str) -> None:
+        _ip("ip", "link", "add", dev, "type", "veth", "peer", "name", peer, "netns", peer_ns,
+            ns=ns)
+
+    def bridge(self, ns: str, dev: str) -> None:
+        _ip("ip", "link", "add", dev, "type", "bridge", ns=ns)
+
+    def master(self, ns: str, dev: str, master: str) -> None:
+        _ip("ip", "link", "set", dev, "master", master, ns=ns)
+
+    def addr(self, ns: str, dev: str, cidr: str) -> None:
+        _ip("ip", "addr", "add", cidr, "dev", dev, ns=ns)
+
+    def qdisc_del(self, ns: str, dev: str) -> None:
+        _ip("tc", "qdisc", "del", "dev", dev, "root", ns=ns, check=False)
+
+    def netem(self, ns: str, dev: str, delay_ms: float) -> None:
+        _ip("tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "netem", "delay",
+            f"{delay_ms}ms", "limit", "100000", ns=ns)
+
+    def tbf(self, ns: str, dev: str, bits: float, burst: int, limit: int,
+            parent: Optional[str] = None) -> None:
+        where = ["parent", parent, "handle", "10:"] if parent else ["root"]
+        _ip("tc", "qdisc", "add", "dev", dev, *where, "tbf", "rate", f"{int(bits)}bit",
+            "burst", str(burst), "limit", str(limit), ns=ns)
+
+    def close(self) -> None:
+        pass
+
+
+def _ops():
+    return _Iproute2() if backend() == "ip" else _Pyroute2()
 
 
 @dataclass
@@ -97,6 +292,7 @@ class Network:
     namespaces: list[str] = field(default_factory=list)
     shaping: dict = field(default_factory=dict)
     _netem: Optional[bool] = None
+    _ops: object = None
 
     # -- names -------------------------------------------------------------------------------
 
@@ -132,55 +328,61 @@ class Network:
         self.close()
 
     def _add_ns(self, name: str) -> None:
-        _ip("ip", "netns", "add", name)
-        self.namespaces.append(name)
-        _ip("ip", "link", "set", "lo", "up", ns=name)
+        self.namespaces.append(name)  # before: a half-made namespace is still deleted
+        self._ops.add_ns(name)
 
     def create(self) -> None:
         if self.world < 2:
             raise ValueError("a network needs at least 2 ranks")
+        self._ops = _ops()
+        ops = self._ops
         for r in range(self.world):
             self._add_ns(self.ns(r))
         if self.switch is None:
             # one veth pair, created inside rank 0's namespace with its peer in rank 1's
-            _ip("ip", "link", "add", IFNAME, "type", "veth", "peer", "name", IFNAME,
-                "netns", self.ns(1), ns=self.ns(0))
+            ops.veth(self.ns(0), IFNAME, IFNAME, self.ns(1))
         else:
             sw = self.switch
             self._add_ns(sw)
-            _ip("ip", "link", "add", "br0", "type", "bridge", ns=sw)
-            _ip("ip", "link", "set", "br0", "up", ns=sw)
+            ops.bridge(sw, "br0")
+            ops.up(sw, "br0")
             for r in range(self.world):
-                _ip("ip", "link", "add", f"p{r}", "type", "veth", "peer", "name", IFNAME,
-                    "netns", self.ns(r), ns=sw)
-                _ip("ip", "link", "set", f"p{r}", "master", "br0", ns=sw)
-                _ip("ip", "link", "set", f"p{r}", "up", ns=sw)
+                ops.veth(sw, f"p{r}", IFNAME, self.ns(r))
+                ops.master(sw, f"p{r}", "br0")
+                ops.up(sw, f"p{r}")
         for r in range(self.world):
-            _ip("ip", "addr", "add", f"{self.addr(r)}/24", "dev", IFNAME, ns=self.ns(r))
-            _ip("ip", "link", "set", IFNAME, "up", ns=self.ns(r))
+            ops.addr(self.ns(r), IFNAME, f"{self.addr(r)}/24")
+            ops.up(self.ns(r), IFNAME)
 
     def close(self) -> None:
         """Delete every namespace made (and so every veth and bridge in them)."""
         # the runner ends its rank processes before this
+        ops = self._ops or _ops()
         for name in reversed(self.namespaces):
-            _ip("ip", "netns", "del", name, check=False)
+            ops.del_ns(name)
         self.namespaces.clear()
+        ops.close()
+        self._ops = None
 
     # -- limits ------------------------------------------------------------------------------
 
     def _netem_ok(self) -> bool:
         if self._netem is None:
             ns, dev, _ = self._egress()[0]
-            r = _ip("tc", "qdisc", "replace", "dev", dev, "root", "handle", "1:", "netem",
-                    "delay", "1ms", ns=ns, check=False)
-            self._netem = r.returncode == 0
-            _ip("tc", "qdisc", "del", "dev", dev, "root", ns=ns, check=False)
+            self._ops.qdisc_del(ns, dev)
+            try:
+                self._ops.netem(ns, dev, 1.0)
+                self._netem = True
+            except Exception:  # sch_netem missing (ENOENT from the kernel)
+                self._netem = False
+            self._ops.qdisc_del(ns, dev)
         return self._netem
 
     def shape(self, rate_mbit: Optional[float], delay_ms: float = 0.5) -> dict:
         """Limit every veth end to ``rate_mbit`` with ``delay_ms`` one way (None: no limits)."""
+        ops = self._ops
         for ns, dev, _ in self._egress():
-            _ip("tc", "qdisc", "del", "dev", dev, "root", ns=ns, check=False)
+            ops.qdisc_del(ns, dev)
         if rate_mbit is None:
             self.shaping = {"rate_mbit": None, "delay_ms": 0.0, "qdisc": "none (veth)"}
             return self.shaping
@@ -189,22 +391,20 @@ class Network:
         # 50 ms: enough that TCP sees the rate, not drops, at every rate here
         burst = max(65536, int(bits / 8 * 0.004))
         limit = max(2 * burst, int(bits / 8 * 0.05))
-        tbf = ["tbf", "rate", f"{int(bits)}bit", "burst", str(burst), "limit", str(limit)]
         netem = delay_ms > 0 and self._netem_ok()
         for ns, dev, rank_side in self._egress():
             if netem and rank_side:
-                _ip("tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "netem", "delay",
-                    f"{delay_ms}ms", "limit", "100000", ns=ns)
-                _ip("tc", "qdisc", "add", "dev", dev, "parent", "1:1", "handle", "10:", *tbf,
-                    ns=ns)
+                ops.netem(ns, dev, delay_ms)
+                ops.tbf(ns, dev, bits, burst, limit, parent="1:1")
             else:
-                _ip("tc", "qdisc", "add", "dev", dev, "root", *tbf, ns=ns)
+                ops.tbf(ns, dev, bits, burst, limit)
         self.shaping = {
             "rate_mbit": rate_mbit,
             "delay_ms": delay_ms if netem else 0.0,
             "qdisc": "netem+tbf" if netem else "tbf",
             "tbf_burst_bytes": burst,
             "tbf_limit_bytes": limit,
+            "via": backend(),
         }
         if delay_ms > 0 and not netem:
             self.shaping["note"] = (
@@ -238,15 +438,13 @@ c.close()
 
 def goodput_mbit(net: Network, seconds: float = 1.0) -> Optional[float]:
     """TCP goodput from rank 0 to rank 1 over the current limits (Mbit/s), or None."""
-    import sys
-
-    sink = subprocess.Popen(["ip", "netns", "exec", net.ns(1), sys.executable, "-c", _SINK,
-                             net.addr(1)], stdout=subprocess.PIPE, text=True)
+    sink = subprocess.Popen(exec_prefix(net.ns(1)) + [sys.executable, "-c", _SINK, net.addr(1)],
+                            stdout=subprocess.PIPE, text=True)
     try:
         if sink.stdout.readline().strip() != "ready":
             return None
-        subprocess.run(["ip", "netns", "exec", net.ns(0), sys.executable, "-c", _SOURCE,
-                        net.addr(1), str(seconds)], timeout=60 + seconds, check=True)
+        subprocess.run(exec_prefix(net.ns(0)) + [sys.executable, "-c", _SOURCE, net.addr(1),
+                        str(seconds)], timeout=60 + seconds, check=True)
         n, dt = sink.communicate(timeout=60 + seconds)[0].split()
         return int(n) * 8 / float(dt) / 1e6
     except (subprocess.SubprocessError, ValueError):

@@ -6,6 +6,9 @@ It runs every mode of the spec in turn on one gloo process group, each on a fres
 same init and the same batches, and rank 0 appends one JSON line per mode to the results file.
 A mode with ``pair_with`` also times a second model (e.g. no hook) step for step beside it.
 
+With ``"device": "cuda"`` in the spec, the model and the batches live on the GPU (every rank on
+the same one; gloo takes CUDA tensors) and a step's timing ends with ``torch.cuda.synchronize``.
+
 Per step: the batch is built, all ranks meet at a barrier, then forward, backward (DDP's
 exchange) and the optimizer step are timed. A step's time is the slowest rank's; a mode's step
 time is the median over its timed steps (``timed`` of them, more while their total stays under
@@ -15,6 +18,7 @@ the hook's first decision: the probe and trial steps are not timed).
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import gc
 import json
@@ -35,7 +39,7 @@ import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from benchmarks import _common, comm, workloads  # noqa: E402
-from benchmarks.convergence import _bucket_sizes, _param_digest  # noqa: E402
+from benchmarks.convergence import _bucket_sizes  # noqa: E402
 
 
 def _append(path: str, record: dict[str, Any]) -> None:
@@ -44,6 +48,43 @@ def _append(path: str, record: dict[str, Any]) -> None:
 
 
 _BUILD: dict[str, Any] = {}
+
+# Modes this benchmark adds to comm.MODES. bf16: PyTorch's bf16_compress_hook, an all-reduce of
+# 2-byte elements, counted as comm counts fp16's.
+LOCAL_MODES = ("bf16",)
+
+
+def _bucket_cap_mb(name: str) -> float | None:
+    return None if name in LOCAL_MODES else comm.bucket_cap_mb_for(name)
+
+
+def _register(ddp: DDP, name: str, options: dict[str, Any]) -> object | None:
+    if name in comm.MODES:  # comm.py's own entry first, where it has one
+        return comm.register(ddp, name, **options)
+    if name == "bf16":
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        if options:
+            raise ValueError(f"mode 'bf16' takes no options, got {sorted(options)}")
+        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+        return None
+    raise ValueError(f"unknown comm mode {name!r}")
+
+
+def _bytes_per_step(name: str, ddp: DDP, state: object | None, since: Any) -> float:
+    if name in comm.MODES:
+        return comm.bytes_per_step(name, ddp, state, since=since)
+    return comm.fp32_allreduce_bytes(ddp) / 2  # bf16: as fp16
+
+
+def _param_digest(model: torch.nn.Module) -> str:
+    """sha256 of the parameters' bytes (copied to the host first: CUDA parameters too)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _native_build() -> dict[str, Any]:
@@ -67,32 +108,57 @@ def _stop(rank: int, decide: bool) -> bool:
     return bool(flag.item())
 
 
+_PRISTINE: dict[tuple, Any] = {}
+
+
+def _fresh_workload(spec: dict[str, Any]) -> workloads.Workload:
+    """The spec's workload with a fresh copy of its initial model. Built once per process and
+    copied for each mode: the init is the same either way, and building the 300M model (its
+    init draws 600M random numbers on one core) would cost seconds per mode."""
+    key = (spec["workload"], spec["size"], spec["seed"], spec.get("batch_size"))
+    if key not in _PRISTINE:
+        w = workloads.build(spec["workload"], seed=spec["seed"], size=spec["size"])
+        if spec.get("batch_size"):
+            w.batch_size = spec["batch_size"]
+        _PRISTINE.clear()
+        _PRISTINE[key] = w
+    w = copy.copy(_PRISTINE[key])
+    w.model = copy.deepcopy(_PRISTINE[key].model)
+    return w
+
+
 class _Run:
     """One comm mode's model, DDP wrapper, hook state and optimizer, stepped one at a time."""
 
     def __init__(self, spec: dict[str, Any], name: str, options: dict[str, Any], rank: int,
                  world: int):
         self.rank, self.world, self.name = rank, world, name
-        self.w = workloads.build(spec["workload"], seed=spec["seed"], size=spec["size"])
-        if spec.get("batch_size"):
-            self.w.batch_size = spec["batch_size"]
+        self.device = torch.device(spec.get("device", "cpu"))
+        self.cuda = self.device.type == "cuda"
+        self.w = _fresh_workload(spec)
+        self.w.model.to(self.device)
         # Every rank builds the same init from the seed: skip DDP's broadcast of the
         # parameters, which would cost as much as a step on the slow links.
-        self.ddp = DDP(self.w.model, bucket_cap_mb=comm.bucket_cap_mb_for(name), init_sync=False)
-        self.state = comm.register(self.ddp, name, **options)
+        self.ddp = DDP(self.w.model, bucket_cap_mb=_bucket_cap_mb(name), init_sync=False,
+                       device_ids=[self.device.index or 0] if self.cuda else None)
+        self.state = _register(self.ddp, name, options)
         self.opt = torch.optim.AdamW(self.ddp.parameters(), lr=self.w.lr)
         self.auto = bool(options.get("auto"))
         self.steps = 0
 
     def step(self) -> tuple[float, float]:
         """One timed training step: (seconds, loss)."""
-        batch = self.w.batch(self.rank, self.world, self.steps)
+        batch = tuple(t.to(self.device) for t in self.w.batch(self.rank, self.world, self.steps))
+        if self.cuda:  # the copy of the batch and anything left of the last step: untimed
+            torch.cuda.synchronize(self.device)
         dist.barrier()
         t0 = time.perf_counter()
         loss = self.w.loss(self.ddp, batch)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
+        if self.cuda:  # the step ends when the GPU has done its work
+            torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
         self.steps += 1
         return dt, loss.item()
@@ -159,11 +225,13 @@ def run_mode(spec: dict[str, Any], mode: dict[str, Any], rank: int, world: int) 
         "step_s": per_step,
         "step_s_median": statistics.median(per_step),
         "train_loss_timed": losses,
-        "bytes_per_step": comm.bytes_per_step(run.name, run.ddp, run.state, since=snapshot),
+        "bytes_per_step": _bytes_per_step(run.name, run.ddp, run.state, snapshot),
         "fp32_bytes_per_step": comm.fp32_allreduce_bytes(run.ddp),
         "replicas_identical": len(set(digests)) == 1,
         "ddp_bucket_bytes": _bucket_sizes(run.ddp),
         "workload_info": run.w.info,
+        "device": str(run.device) + (f" ({torch.cuda.get_device_name(run.device)})"
+                                     if run.cuda else ""),
         "native": _native_build(),
     }
     if base is not None:
@@ -191,6 +259,8 @@ def main() -> int:
     spec = json.loads(Path(sys.argv[1]).read_text())
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
+    if spec.get("device", "cpu").startswith("cuda"):
+        torch.cuda.set_device(torch.device(spec["device"]))  # both ranks share the one GPU
     _native_build()
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world,
                             timeout=_dt.timedelta(seconds=spec["collective_timeout_s"]))

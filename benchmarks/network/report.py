@@ -83,11 +83,12 @@ def format_tables(rows: list[dict], links: list[str], goodput: dict) -> str:
         ok = [r for r in rs if "workload_info" in r]
         if ok:
             info = ok[0]["workload_info"]
-            out.append(f"### transformer {wl}: {info['params'] / 1e6:.2f}M params, "
-                       f"{info['batch_size_per_rank']} x {info['context']} tokens per rank, "
-                       f"{world} ranks")
+            shape = (f"{info['batch_size_per_rank']} x {info['context']} tokens" if "context"
+                     in info else f"{info['batch_size_per_rank']} samples")
+            out.append(f"### {info['name']} {wl}: {info['params'] / 1e6:.2f}M params, "
+                       f"{shape} per rank, {world} ranks")
         else:
-            out.append(f"### transformer {wl}, {world} ranks")
+            out.append(f"### {wl}, {world} ranks")
         out.append("")
         present = [lk for lk in links if any(r["link"] == lk for r in rs)]
         head = ["mode", "bytes/step/rank", "vs fp32"] + [
@@ -145,15 +146,33 @@ def format_tables(rows: list[dict], links: list[str], goodput: dict) -> str:
     return "\n".join(out)
 
 
-def check_targets(rows: list[dict]) -> list[dict]:
+def check_targets(rows: list[dict], device: str = "cpu") -> list[dict]:
     """The issue's targets, each with its measured value and whether it is met (speedups as
-    in the tables: from step-for-step pairs where there are any)."""
+    in the tables: from step-for-step pairs where there are any). CPU ranks: issue 4's; GPU
+    ranks: issue 16's (43M transformer: 5x no hook and 1.5x PowerSGD rank 4 at 1 Gbit/s, 2x
+    no hook at 10 Gbit/s)."""
     def speedup(wl, world, link, label):
         r = next((x for x in rows if (x["workload"], x["world"], x["link"], x["label"])
                   == (wl, world, link, label) and "speedup_vs_none" in x), None)
         return r["speedup_vs_none"] if r else None
 
     out = []
+    if device != "cpu":
+        for world in sorted({r["world"] for r in rows}):
+            psgd = speedup("large", world, "1gbit", "powersgd4")
+            for label in ("vsa", "vsa+auto", "vsa-ternary", "vsa-sign", "vsa-ternary+auto"):
+                v, v10 = (speedup("large", world, lk, label) for lk in ("1gbit", "10gbit"))
+                where = f"large, {world} ranks, GPU"
+                if v:
+                    out.append({"target": f"{label} >= 5x faster than none, 1 Gbit/s, {where}",
+                                "value": v, "met": v >= 5})
+                if v and psgd:
+                    out.append({"target": f"{label} >= 1.5x faster than powersgd4, 1 Gbit/s, "
+                                f"{where}", "value": v / psgd, "met": v / psgd >= 1.5})
+                if v10:
+                    out.append({"target": f"{label} >= 2x faster than none, 10 Gbit/s, {where}",
+                                "value": v10, "met": v10 >= 2})
+        return out
     for world in sorted({r["world"] for r in rows}):
         psgd = speedup("large", world, "1gbit", "powersgd4")
         for label in ("vsa-ternary", "vsa-sign"):
@@ -199,7 +218,7 @@ def _plot(rows: list[dict], links: list[str], path: Path) -> bool:
                  if lo <= t <= hi]
         ax.set_yticks(ticks, [f"{t:g}x" for t in ticks])
         ax.minorticks_off()
-        ax.set_title(f"transformer {wl}, {world} ranks")
+        ax.set_title(f"{wl}, {world} ranks")
         ax.set_xlabel("link (bandwidth per rank)")
         ax.set_ylabel("speedup over no hook (step time)")
         ax.legend(fontsize=7)
@@ -266,7 +285,9 @@ def write_markdown(report: dict, tables: str, path: Path) -> None:
         "```",
         "",
         (f"Machine: {m['cpu_model']}, {m['affinity']} cores usable (shared with other work), "
-         f"torch {m['torch']}, {m['date']}. Backend gloo over TCP, one CPU thread per rank; "
+         f"torch {m['torch']}, {m['date']}. Backend gloo over TCP, one CPU thread per rank"
+         + (f", models on {report['settings']['device']}"
+            if report["settings"].get("device", "cpu") != "cpu" else "") + "; "
          f"{report['settings']['topology']}. Total run time "
          f"{report['total_wall_s'] / 60:.0f} min."),
         "",
@@ -296,7 +317,8 @@ def write_markdown(report: dict, tables: str, path: Path) -> None:
         lines += [f"Note: the rows ran with {len(builds)} different builds of "
                   "tritter_comm._native (rebuilt during the run; `native` in the JSON says "
                   "which row used which).", ""]
-    lines += [tables, "", "## Targets (issue 4)", ""]
+    gpu = report["settings"].get("device", "cpu") != "cpu"
+    lines += [tables, "", f"## Targets (issue {16 if gpu else 4})", ""]
     for t in report["targets"]:
         v = t["value"]
         val = f"{100 * v:+.1f}%" if "5%" in t["target"] else f"{v:.2f}x"
@@ -311,7 +333,7 @@ def render(report: dict, out: Path) -> bool:
     rows, links = report["results"], report["settings"]["links"]
     add_speedups(rows)
     add_ttt(rows, report.get("time_to_target") or {})
-    report["targets"] = check_targets(rows)
+    report["targets"] = check_targets(rows, report["settings"].get("device", "cpu"))
     goodput = {(g["world"], g["link"]): g["mbit"] for g in report["goodput_mbit"]}
     tables = format_tables(rows, links, goodput)
     print("\n" + tables)

@@ -11,8 +11,15 @@ loopback    all ranks in one namespace on its ``lo``: unthrottled
 100mbit     same, 100 Mbit/s
 ==========  =====================================================================================
 
-with a 0.5 ms one-way delay where the kernel has ``sch_netem`` (see ``netns.py``). Without root
-(or without ``ip``/``tc``) it says so and runs the ``loopback`` link only, on the host's loopback.
+with a 0.5 ms one-way delay where the kernel has ``sch_netem`` (see ``netns.py``). Namespaces and
+``tc`` go through iproute2's ``ip`` and ``tc``, or through pyroute2 (netlink from Python) where
+those are missing. Without root (or with neither) it says so and runs the ``loopback`` link
+only, on the host's loopback.
+
+GPU ranks (issue 16): ``--device cuda`` puts every rank's model and batches on ``cuda:0`` (the
+ranks share the one GPU; gloo carries CUDA tensors through host memory) and ends each timed step
+with ``torch.cuda.synchronize``. Workloads for it: ``xl`` (the transformer at ~303M parameters)
+beside ``large`` (~43M); ``mlp`` (issue 17) is link-bound on a CPU as well.
 
 Time to a fixed eval loss: the loss after a given step does not depend on the link (gloo and
 the hooks are deterministic), so ``benchmarks/convergence.py`` trains the small transformer once
@@ -27,6 +34,10 @@ Usage (as root; on a fresh Debian/Ubuntu machine first ``apt-get install -y ipro
     python -m benchmarks.network --quick         # smoke test: 2 ranks, loopback and 1 Gbit/s
     python -m benchmarks.network --worlds 2 --links 1gbit --workloads large --modes none,vsa-ternary
     python -m benchmarks.network --cleanup       # remove namespaces left by a killed run
+    # GPU ranks, ~3 min on one H200 (one line; benchmarks/device_cuda.sh, NETWORK=1, runs it):
+    python -m benchmarks.network --device cuda --worlds 2 --links 1gbit,10gbit
+        --workloads large,xl --links-for xl=10gbit --modes none,bf16,powersgd4,vsa,vsa+auto
+        --no-ttt --no-pair --timed-budget 3
 
 Every namespace is removed on exit, also on Ctrl-C, SIGTERM and errors. The tables, the
 markdown and the plot come from ``report.py``.
@@ -69,11 +80,21 @@ DELAY_MS = 0.5
 # CPU step allows; "small" (~0.47M parameters, 16 sequences of 64) where it barely does.
 # Timed steps: at least `timed`, more (up to `max_timed`) while they add up to less than
 # --timed-budget seconds: cheap steps are noisier on a shared machine, so they get more repeats.
+# "xl" (~303M parameters, 4 sequences of 128 per rank) is for GPU ranks (--device cuda): a
+# step of it takes minutes on one CPU core. "mlp" (issue 17): 3 x Linear(4096, 4096), ~50M
+# parameters, 8 samples per rank: far less compute than exchange, on a CPU core too;
+# "mlp-small" (~2.1M) for smoke runs.
 WORKLOADS = {
     "large": dict(workload="transformer", size="large", batch_size=1, warmup=3, timed=3,
                   max_timed=12),
     "small": dict(workload="transformer", size="small", batch_size=None, warmup=4, timed=10,
                   max_timed=40),
+    "xl": dict(workload="transformer", size="xl", batch_size=None, warmup=3, timed=2,
+               max_timed=6),
+    "mlp": dict(workload="wide_mlp", size="large", batch_size=None, warmup=3, timed=3,
+                max_timed=12),
+    "mlp-small": dict(workload="wide_mlp", size="small", batch_size=None, warmup=3, timed=4,
+                      max_timed=20),
 }
 # Modes: the label is the row name; options go to the hook state. The step-time runs start
 # compressing at iteration 2 (the hook's default start_iter is 100, the convergence choice) so
@@ -82,11 +103,17 @@ HOOK_START = 2
 MODES = {
     "none": ("none", {}),
     "fp16": ("fp16", {}),
-    "powersgd4": ("powersgd4", {}),
+    "bf16": ("bf16", {}),  # PyTorch's bf16_compress_hook (rank.LOCAL_MODES)
+    "powersgd4": ("powersgd4", {}),  # one bucket (comm.bucket_cap_mb_for)
+    "vsa": ("vsa", {"start_iter": HOOK_START}),  # VSAConfig's defaults (int2)
     "vsa-ternary": ("vsa-ternary", {"start_iter": HOOK_START}),
     "vsa-sign": ("vsa-sign", {"start_iter": HOOK_START}),
+    "vsa+auto": ("vsa", {"start_iter": HOOK_START, "auto": True}),
     "vsa-ternary+auto": ("vsa-ternary", {"start_iter": HOOK_START, "auto": True}),
 }
+# --modes default: the rows of the CPU runs so far (the full matrix's run time stays as it was)
+DEFAULT_MODES = ("none", "fp16", "powersgd4", "vsa-ternary", "vsa-sign", "vsa-ternary+auto")
+STATELESS = ("none", "fp16", "bf16")
 TTT_MODES = ("none", "fp16", "powersgd4", "vsa-ternary", "vsa-sign")
 # The load of a shared machine drifts by tens of percent within minutes, more than the
 # differences measured here; so every mode is timed step for step beside a no-hook model in the
@@ -111,7 +138,12 @@ def _end_children() -> None:
     _children.clear()
 
 
+_MAIN_PID = os.getpid()
+
+
 def _on_signal(signum, frame):
+    if os.getpid() != _MAIN_PID:  # a forked child (a library's helper): not ours to unwind
+        os._exit(128 + signum)
     # unwinds through every `finally`: rank processes, then namespaces
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
@@ -124,7 +156,7 @@ def _on_signal(signum, frame):
 def _warmup(mode: str, warmup: int) -> int:
     """Warm-up steps: DDP rebuilds its buckets after step 0; a stateful hook (PowerSGD, VSA)
     compresses from step 2 (allocating its residuals): one more step before timing."""
-    return warmup if MODES[mode][0] not in ("none", "fp16") else max(2, warmup - 1)
+    return warmup if MODES[mode][0] not in STATELESS else max(2, warmup - 1)
 
 
 def run_group(*, world: int, link: str, wl: str, modes: list[str], net: Optional[netns.Network],
@@ -137,14 +169,14 @@ def run_group(*, world: int, link: str, wl: str, modes: list[str], net: Optional
         "workload": cfg["workload"], "size": cfg["size"], "batch_size": cfg["batch_size"],
         "seed": 0, "timed_budget_s": args.timed_budget,
         "collective_timeout_s": args.collective_timeout,
-        "results": str(results), "progress": str(progress),
+        "results": str(results), "progress": str(progress), "device": args.device,
         "modes": [{"label": m, "comm": MODES[m][0], "options": MODES[m][1],
                    "warmup": _warmup(m, steps["warmup"]), "timed": steps["timed"],
                    "max_timed": steps["max_timed"],
                    # each mode step for step beside a no-hook model (see add_speedups), except
                    # at 100 Mbit/s, where a no-hook step takes ~15 s and dwarfs the drift
                    "pair_with": ("none" if m != "none" and link not in UNPAIRED_LINKS
-                                 else None)}
+                                 and not args.no_pair else None)}
                   for m in modes],
     }
     spec_path = workdir / f"{tag}.spec.json"
@@ -159,10 +191,10 @@ def run_group(*, world: int, link: str, wl: str, modes: list[str], net: Optional
                    MKL_NUM_THREADS="1", MASTER_PORT=port)
         if net is None or link == "loopback":
             env.update(MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo")
-            prefix = ["ip", "netns", "exec", net.ns(0)] if net is not None else []
+            prefix = netns.exec_prefix(net.ns(0)) if net is not None else []
         else:
             env.update(MASTER_ADDR=net.addr(0), GLOO_SOCKET_IFNAME=netns.IFNAME)
-            prefix = ["ip", "netns", "exec", net.ns(r)]
+            prefix = netns.exec_prefix(net.ns(r))
         log = open(workdir / f"{tag}.rank{r}.log", "w")
         p = subprocess.Popen(prefix + [sys.executable, "-m", "benchmarks.network.rank",
                                        str(spec_path)],
@@ -230,7 +262,7 @@ def run_ttt(args: argparse.Namespace, net: Optional[netns.Network], workdir: Pat
            "transformer", "--modes", ",".join(TTT_MODES), "--seeds", "0", "--steps",
            str(args.ttt_steps), "--out", str(out)]
     if net is not None:  # its ranks use 127.0.0.1: run them on the namespace's own loopback
-        cmd = ["ip", "netns", "exec", net.ns(0)] + cmd
+        cmd = netns.exec_prefix(net.ns(0)) + cmd
     print(f"time to target: {' '.join(cmd[-12:])}", flush=True)
     with open(workdir / "ttt.log", "w") as log:
         p = subprocess.Popen(cmd, cwd=_ROOT, stdout=log, stderr=subprocess.STDOUT,
@@ -275,8 +307,19 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="smoke test: 2 ranks, loopback and 1gbit, 2 timed steps, short TTT run")
     ap.add_argument("--worlds", default="2,3")
     ap.add_argument("--links", default=",".join(LINKS), help=f"of {', '.join(LINKS)}")
-    ap.add_argument("--workloads", default="large,small", help="large, small")
-    ap.add_argument("--modes", default=",".join(MODES), help=f"of {', '.join(MODES)}")
+    ap.add_argument("--workloads", default="large,small", help=f"of {', '.join(WORKLOADS)}")
+    ap.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"of {', '.join(MODES)}")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="where the ranks' models and batches live: cpu (one thread per rank) "
+                         "or cuda (every rank on cuda:0: two processes share the one GPU; gloo "
+                         "carries the CUDA tensors)")
+    ap.add_argument("--no-pair", action="store_true",
+                    help="time every mode alone (speedups: ratios of medians) instead of step "
+                         "for step beside a no-hook model: half the no-hook steps, for a "
+                         "machine that is not shared")
+    ap.add_argument("--links-for", action="append", default=[], metavar="WORKLOAD=LINKS",
+                    help="run WORKLOAD on these links only (comma-separated), e.g. "
+                         "xl=10gbit: a 300M model's no-hook step takes ~10 s at 1 Gbit/s")
     ap.add_argument("--world3-links", default="1gbit",
                     help="links run with 3 ranks (default: 1gbit only, to keep the full matrix "
                          "near 20 min on 2 cores)")
@@ -314,8 +357,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.cleanup:
         try:
             removed = netns.cleanup()
-        except FileNotFoundError:
-            print("ip not found: nothing to clean up")
+        except (FileNotFoundError, ImportError) as e:  # neither iproute2 nor pyroute2
+            print(f"cannot clean up ({e}): nothing made here to clean up")
             return 0
         print("removed " + (", ".join(removed) if removed else "nothing"))
         return 0
@@ -328,6 +371,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.target_loss = 2.9 if args.quick else 2.35
     if args.out is None:
         args.out = QUICK_OUT if args.quick else DEFAULT_OUT
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: torch sees no CUDA device here")
+        args.device = "cuda:0"
     worlds = [int(w) for w in _csv(args.worlds)]
     links, wls, modes = _csv(args.links), _csv(args.workloads), _csv(args.modes)
     for name, seq, known in (("link", links, LINKS), ("workload", wls, WORKLOADS),
@@ -337,13 +386,22 @@ def main(argv: Optional[list[str]] = None) -> int:
             ap.error(f"unknown {name} {bad}; choose from {', '.join(known)}")
     if any(w < 2 for w in worlds):
         ap.error("--worlds: 2 or more ranks")
+    links_for: dict[str, set] = {}
+    for item in args.links_for:
+        wl, _, lks = item.partition("=")
+        if wl not in WORKLOADS or not lks or any(lk not in LINKS for lk in _csv(lks)):
+            ap.error(f"--links-for {item!r}: WORKLOAD=LINK[,LINK] with a workload of "
+                     f"{', '.join(WORKLOADS)} and links of {', '.join(LINKS)}")
+        links_for[wl] = set(_csv(lks))
     world3_links = set(_csv(args.world3_links))
 
     notes = []
     use_netns = not args.no_netns
+    netns_via = None
     if use_netns:
         try:
-            netns.check_available()
+            netns_via = netns.check_available()
+            print(f"network namespaces: via {netns_via}", flush=True)
         except netns.NetnsUnavailable as e:
             use_netns = False
             notes.append(f"network namespaces unavailable ({e}): ran unthrottled on the "
@@ -356,6 +414,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         if dropped:
             print(f"NOTE: {notes[-1]}; skipping links {', '.join(dropped)}", flush=True)
 
+    if args.device != "cpu":
+        notes.append(f"GPU ranks: every rank's model and batches on {args.device} (the ranks "
+                     "share the one GPU); gloo carries the CUDA tensors (through host memory)")
+    if args.no_pair:
+        notes.append("--no-pair: each mode timed alone; speedups are ratios of median step "
+                     "times")
+
     # also SIGINT: a job started in the background of a script inherits it ignored
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
@@ -365,51 +430,82 @@ def main(argv: Optional[list[str]] = None) -> int:
     shaping: dict = {}
     ttt: dict = {}
     t_start = time.perf_counter()
+    current: dict = {}  # the group running now: its finished modes survive an interruption
+    interrupted = None
     try:
-        for world in worlds:
-            net = netns.Network(world) if use_netns else None
-            try:
-                if net is not None:
-                    net.create()
-                for link in links:
-                    if world > 2 and link not in world3_links:
-                        continue
+        try:
+            for world in worlds:
+                net = netns.Network(world) if use_netns else None
+                world_links = links
+                try:
                     if net is not None:
-                        if link == "loopback":
-                            shaping[(world, link)] = {"rate_mbit": None, "qdisc": "lo"}
-                        else:
-                            shaping[(world, link)] = net.shape(LINKS[link], DELAY_MS)
-                            goodput[(world, link)] = netns.goodput_mbit(net, 1.0)
-                            if "note" in shaping[(world, link)]:
-                                note = shaping[(world, link)]["note"]
-                                if note not in notes:
-                                    notes.append(note)
-                                    print(f"NOTE: {note}", flush=True)
-                    for wl in wls:
-                        cfg = WORKLOADS[wl]
-                        timed = args.timed or (2 if args.quick else cfg["timed"])
-                        steps = {"warmup": args.warmup or cfg["warmup"], "timed": timed,
-                                 "max_timed": timed if args.quick or args.timed
-                                 else cfg["max_timed"]}
-                        t0 = time.perf_counter()
-                        print(f"[{world} ranks, {LINK_LABEL[link]}, {wl}] "
-                              f"{', '.join(modes)} ...", flush=True)
-                        got = run_group(world=world, link=link, wl=wl, modes=modes, net=net,
-                                        workdir=workdir, args=args, steps=steps)
-                        rows.extend(got)
-                        for r in got:
-                            print("    " + (f"{r['label']}: {r['step_s_median']:.3f} s/step, "
-                                             f"{_fmt_bytes(r['bytes_per_step'])}/step"
-                                             if "step_s_median" in r else
-                                             f"{r['label']}: FAILED {r['error'][-300:]}"),
-                                  flush=True)
-                        print(f"    ({time.perf_counter() - t0:.0f} s)", flush=True)
-                if (not args.no_ttt and world == 2 and "small" in wls):
-                    ttt = run_ttt(args, net, workdir)
-            finally:
-                _end_children()
-                if net is not None:
-                    net.close()
+                        try:
+                            net.create()
+                        except Exception as e:  # e.g. no bridge for 3 ranks: measure what works
+                            net.close()
+                            net = None
+                            world_links = ["loopback"] if "loopback" in links else []
+                            notes.append(f"{world} ranks: the namespaces could not be made "
+                                         f"({type(e).__name__}: {e}); ran "
+                                         + ("unthrottled on the host's loopback only"
+                                            if world_links else "nothing"))
+                            print(f"NOTE: {notes[-1]}", flush=True)
+                    for link in world_links:
+                        if world > 2 and link not in world3_links:
+                            continue
+                        if net is not None:
+                            if link == "loopback":
+                                shaping[(world, link)] = {"rate_mbit": None, "qdisc": "lo"}
+                            else:
+                                shaping[(world, link)] = net.shape(LINKS[link], DELAY_MS)
+                                goodput[(world, link)] = netns.goodput_mbit(net, 1.0)
+                                if "note" in shaping[(world, link)]:
+                                    note = shaping[(world, link)]["note"]
+                                    if note not in notes:
+                                        notes.append(note)
+                                        print(f"NOTE: {note}", flush=True)
+                        for wl in wls:
+                            if wl in links_for and link not in links_for[wl]:
+                                continue
+                            cfg = WORKLOADS[wl]
+                            timed = args.timed or (2 if args.quick else cfg["timed"])
+                            steps = {"warmup": args.warmup or cfg["warmup"], "timed": timed,
+                                     "max_timed": timed if args.quick or args.timed
+                                     else cfg["max_timed"]}
+                            t0 = time.perf_counter()
+                            print(f"[{world} ranks, {LINK_LABEL[link]}, {wl}] "
+                                  f"{', '.join(modes)} ...", flush=True)
+                            current = dict(world=world, link=link, workload=wl,
+                                           path=workdir / f"{wl}-w{world}-{link}.jsonl")
+                            got = run_group(world=world, link=link, wl=wl, modes=modes, net=net,
+                                            workdir=workdir, args=args, steps=steps)
+                            current = {}
+                            rows.extend(got)
+                            for r in got:
+                                print("    " + (f"{r['label']}: {r['step_s_median']:.3f} s/step, "
+                                                 f"{_fmt_bytes(r['bytes_per_step'])}/step"
+                                                 if "step_s_median" in r else
+                                                 f"{r['label']}: FAILED {r['error'][-300:]}"),
+                                      flush=True)
+                            print(f"    ({time.perf_counter() - t0:.0f} s)", flush=True)
+                    if (not args.no_ttt and world == 2 and "small" in wls):
+                        ttt = run_ttt(args, net, workdir)
+                finally:
+                    _end_children()
+                    if net is not None:
+                        net.close()
+        except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, or `timeout`'s SIGTERM
+            interrupted = e
+            if current and current["path"].exists():
+                for line in current["path"].read_text().splitlines():
+                    rec = json.loads(line)
+                    if "error" not in rec:
+                        rec.update(world=current["world"], link=current["link"],
+                                   workload=current["workload"])
+                        rows.append(rec)
+            notes.append(f"INTERRUPTED ({type(e).__name__}) after "
+                         f"{time.perf_counter() - t_start:.0f} s: the rows that finished are here")
+            print(f"NOTE: {notes[-1]}", flush=True)
     finally:
         _end_children()
         left = [n for n in (netns.list_namespaces() if use_netns else [])
@@ -434,7 +530,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             "workloads": {k: WORKLOADS[k] for k in wls},
             "modes": {m: MODES[m] for m in modes},
             "hook_start_iter": HOOK_START, "delay_ms": DELAY_MS,
-            "timed_budget_s": args.timed_budget, "netns": use_netns, "topology": topology,
+            "timed_budget_s": args.timed_budget, "netns": use_netns, "netns_via": netns_via,
+            "topology": topology, "device": args.device, "paired": not args.no_pair,
+            "links_for": {k: sorted(v) for k, v in links_for.items()},
             "backend": "gloo", "threads_per_rank": 1, "optimizer": "AdamW",
             "quick": args.quick, "notes": notes,
             "step_time": "median over timed steps of the slowest rank's time; a barrier "
@@ -444,7 +542,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "goodput_mbit": [{"world": w, "link": lk, "mbit": v} for (w, lk), v in goodput.items()],
         "time_to_target": ttt,
         "command": cmd,
-        "targets": check_targets(rows),
+        "targets": check_targets(rows, args.device),
         "total_wall_s": total,
         "results": rows,
     }
@@ -458,6 +556,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"total {total:.0f} s; wrote {args.out}, {args.out.with_suffix('.md')}"
           + (f" and {args.out.with_suffix('.png')}" if plotted else ""))
+    if interrupted is not None:
+        return 130 if isinstance(interrupted, KeyboardInterrupt) else 143
     return 1 if failed else 0
 
 

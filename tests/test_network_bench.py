@@ -1,0 +1,72 @@
+"""The network benchmark's pieces that need neither root nor a GPU (issue 16, item 6; issue 17):
+the workloads it adds, the netns backend choice, its flags and the GPU targets. Its namespaces
+and timings are exercised by running it (``python -m benchmarks.network --quick``), not here."""
+
+import sys
+
+import pytest
+import torch
+
+from _procs import ROOT
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import workloads  # noqa: E402
+from benchmarks.network import netns, report, run  # noqa: E402
+
+
+def test_wide_mlp_batches_are_deterministic_and_disjoint():
+    w = workloads.build("wide_mlp", seed=0, size="small")
+    a0, b0 = w.batch(0, 2, 5), w.batch(1, 2, 5)
+    assert torch.equal(a0[0], w.batch(0, 2, 5)[0]) and torch.equal(a0[1], w.batch(0, 2, 5)[1])
+    assert not torch.equal(a0[0], b0[0])
+    loss = w.loss(w.model, a0)
+    loss.backward()
+    assert torch.isfinite(loss) and 0 < w.eval_loss(w.model) < 10
+    assert w.info["params"] == sum(p.numel() for p in w.model.parameters())
+
+
+def test_xl_transformer_has_300m_parameters():
+    cfg = workloads._TRANSFORMER_SIZES["xl"]
+    with torch.device("meta"):  # no memory: the count is all that is checked
+        m = workloads.CharTransformer(d_model=cfg["d_model"], n_layers=cfg["n_layers"],
+                                      n_heads=cfg["n_heads"], context=cfg["context"])
+    assert sum(p.numel() for p in m.parameters()) >= 300e6
+    with pytest.raises(ValueError, match="transformer only"):
+        workloads.build("digits", seed=0, size="xl")
+
+
+def test_netns_backend_choice(monkeypatch):
+    monkeypatch.setenv(netns.BACKEND_ENV, "pyroute2")
+    assert netns.backend() == "pyroute2"
+    prefix = netns.exec_prefix("tcnb-1-r0")
+    assert prefix[1].endswith("_nsexec.py") and prefix[2] == "tcnb-1-r0"
+    monkeypatch.setenv(netns.BACKEND_ENV, "ip")
+    assert netns.exec_prefix("x") == ["ip", "netns", "exec", "x"]
+    monkeypatch.setenv(netns.BACKEND_ENV, "iproute")
+    with pytest.raises(ValueError, match="pyroute2"):
+        netns.backend()
+
+
+def test_gpu_rows_are_known_modes_and_workloads():
+    for m in ("none", "bf16", "powersgd4", "vsa", "vsa+auto"):
+        assert m in run.MODES
+    for wl in ("large", "xl", "mlp"):
+        assert wl in run.WORKLOADS
+    with pytest.raises(SystemExit):
+        run.main(["--links-for", "xl=2gbit"])
+
+
+def test_gpu_targets():
+    def row(link, label, speedup):
+        return {"workload": "large", "world": 2, "link": link, "label": label,
+                "speedup_vs_none": speedup}
+
+    rows = [row("1gbit", "powersgd4", 5.0), row("1gbit", "vsa", 6.0), row("10gbit", "vsa", 1.5)]
+    got = {t["target"]: t["met"] for t in report.check_targets(rows, "cuda:0")}
+    assert got == {
+        "vsa >= 5x faster than none, 1 Gbit/s, large, 2 ranks, GPU": True,
+        "vsa >= 1.5x faster than powersgd4, 1 Gbit/s, large, 2 ranks, GPU": False,
+        "vsa >= 2x faster than none, 10 Gbit/s, large, 2 ranks, GPU": False,
+    }
