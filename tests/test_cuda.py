@@ -1,4 +1,6 @@
-"""The CUDA path of the exchange and the DDP hook: two gloo ranks sharing the one GPU.
+"""The CUDA path of the exchange and the DDP hook: two gloo ranks sharing the one GPU, and one
+NCCL rank whose exchanges are forced through the collectives (``VSAState._force_exchange``, for
+tests only: one GPU allows no more NCCL ranks).
 
 Skipped without a GPU (CI has none). The codec's own CUDA checks are in test_torch_codec.py,
 the weight sync's in test_sync.py and the predictor's in test_phase.py.
@@ -9,6 +11,7 @@ import torch
 import tritter_comm
 
 import _cuda_workers as C
+import _ddp_workers as W
 from _dist import run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -91,3 +94,42 @@ def test_triton_encoder_on_cuda_gives_the_rust_bytes(mode, dtype, block_log2):
     assert tt.launches == before + 1, tt._broken
     assert torch.equal(bc, bg.cpu())
     assert torch.equal(ec, eg.cpu())
+
+
+NCCL = "cpu:gloo,cuda:nccl"  # CPU tensors (the references, the tests' own checks) over gloo
+
+
+def _assert_forced_world1(r):
+    """Every bucket of the run came out of the hook as a direct Exchange on CPU tensors (the
+    Rust codec, gloo) makes it, bit for bit, and the compressed ones went through the
+    collectives."""
+    n = sum(r["compressed"])
+    assert n > 0 and not all(r["compressed"]), r["compressed"]
+    assert all(r["equal_ref"]), r["equal_ref"]
+    assert [not u for u in r["unchanged"]] == r["compressed"]
+    assert r["calls"]["all_to_all_single"] == n and r["calls"]["all_gather_into_tensor"] == n
+
+
+def test_exchange_through_nccl_at_world_1_is_bit_identical_to_gloo_cpu():
+    # the exchange itself: CUDA tensors through NCCL, CPU tensors through gloo, one group
+    res = run(C.exchange_cpu_and_cuda, 1, mode="int2", backend=NCCL, timeout=300)[0]
+    assert res["outputs_equal"] == [True] * 3
+    assert res["residual_equal"] and res["server_residual_equal"] and res["residual_used"]
+
+
+def test_ddp_hook_through_nccl_at_world_1_is_bit_identical_to_gloo_cpu():
+    # DDP with the hook, the model on the GPU, the exchange forced through NCCL: each bucket
+    # as the CPU exchange makes it; and the whole run as the same run over gloo (CUDA tensors)
+    r = run(W.ddp_world1, 1, device="cuda", backend=NCCL, timeout=300)[0]
+    _assert_forced_world1(r)
+    g = run(W.ddp_world1, 1, device="cuda", backend="gloo", timeout=300)[0]
+    _assert_forced_world1(g)
+    assert r["params"] == g["params"]
+
+
+def test_ddp_hook_on_cuda_through_nccl_makes_no_host_sync():
+    # issue 16: after the warm-up every hook call runs under set_sync_debug_mode("error"),
+    # which raises at any host synchronization (the non-finite check included)
+    r = run(W.ddp_world1, 1, device="cuda", backend=NCCL, sync_debug=True, steps=5,
+            timeout=300)[0]
+    _assert_forced_world1(r)

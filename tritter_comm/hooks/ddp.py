@@ -263,7 +263,7 @@ def vsa_hook(state: VSAState, bucket: dist.GradBucket) -> torch.futures.Future[t
         state._bytes_uncompressed += 2 * (world - 1) * t.numel() * 4 // world
         if not state._layout or state._saved_layout is not None:
             _param_ids(state, bucket)  # number the parameters in the first iteration
-        if world == 1:
+        if world == 1 and not state._force_exchange:
             fut = _done(t)
         elif (state.iter < state.start_iter or not t.is_floating_point()
               or t.numel() < state.min_compress_numel):

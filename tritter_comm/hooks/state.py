@@ -8,6 +8,7 @@ state dict that checkpoints carry.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Optional
 
 import torch
@@ -61,6 +62,7 @@ class VSAState:
         "config",
         # flags
         "_config_checked",
+        "_force_exchange",
         # internal state
         "iter",
         "residuals",
@@ -95,6 +97,11 @@ class VSAState:
         self._auto = _auto.AutoChoice() if self.config.auto else None
         # the groups whose ranks were found to agree on the configuration (by id)
         self._config_checked: set[Optional[int]] = set()
+        # For tests only: run the exchange through its collectives at world size 1 too (one
+        # GPU allows no more NCCL ranks), where the hook otherwise returns the bucket as it is.
+        # TRITTER_COMM_FORCE_EXCHANGE=1, or set the attribute. Not an option: it changes
+        # nothing a user wants.
+        self._force_exchange = os.environ.get("TRITTER_COMM_FORCE_EXCHANGE") == "1"
         self.iter = 0
         self.residuals: dict[int, torch.Tensor] = {}
         self.server_residuals: dict[int, torch.Tensor] = {}
