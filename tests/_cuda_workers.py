@@ -45,13 +45,16 @@ def exchange_cpu_and_cuda(rank, world, *, n=300_001, steps=3, mode="int2"):
     }
 
 
-def ddp_on_cuda(rank, world, *, steps=30, mode="int2", hook=True):
-    """DDP over gloo with the model on the GPU (and the VSA hook): the losses, the parameters
-    and the first step after which the replicas differed (None if never)."""
+def ddp_on_cuda(rank, world, *, steps=30, mode="int2", hook=True, side_stream=None):
+    """DDP over gloo with the model on the GPU (and the VSA hook, its CUDA work on a side
+    stream or not; None: the state's default): the losses, the parameters and the first step
+    after which the replicas differed (None if never)."""
     torch.manual_seed(0)
     model = W.Net(width=256).cuda()
     ddp = DDP(model, device_ids=[0], bucket_cap_mb=0.5)
     state = tritter_comm.VSAState(mode=mode, start_iter=2, min_compress_numel=1000)
+    if side_stream is not None:
+        state._use_side_stream = side_stream
     if hook:
         ddp.register_comm_hook(state, tritter_comm.vsa_hook)
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
@@ -71,5 +74,12 @@ def ddp_on_cuda(rank, world, *, steps=30, mode="int2", hook=True):
     flat = torch.cat([p.detach().flatten() for p in model.parameters()]).cpu()
     dist.barrier()
     return {"losses": losses, "params": flat.numpy().tobytes(), "stats": state.stats(),
-            "first_diff": first_diff,
+            "first_diff": first_diff, "side_streams": len(state._side_streams),
             "residual_devices": sorted({str(r.device) for r in state.residuals.values()})}
+
+
+def side_stream_off_and_on(rank, world, *, worker, **kwargs):
+    """``worker`` (a rank function) run twice in this process, the hook's CUDA work on the
+    current stream, then on a side stream: ``{"off": ..., "on": ...}``."""
+    return {"off": worker(rank, world, side_stream=False, **kwargs),
+            "on": worker(rank, world, side_stream=True, **kwargs)}

@@ -283,7 +283,8 @@ def ddp_world1(rank, world, *, device="cpu", steps=6, mode="int2", force=True,
     direct ``Exchange`` on CPU makes of its input (``replay_exchanges``), the collectives
     called, the parameters. ``sync_debug``: every hook call after the warm-up runs under
     ``torch.cuda.set_sync_debug_mode("error")`` (the hook's own steps only: a host sync
-    there raises, and the step fails)."""
+    there raises, and the step fails). ``side_stream``: the hook's CUDA work on a side
+    stream, or not (None: the state's default)."""
     assert world == 1
     torch.manual_seed(0)
     model = Net(width=256).to(device)
@@ -291,7 +292,7 @@ def ddp_world1(rank, world, *, device="cpu", steps=6, mode="int2", force=True,
     state = tritter_comm.VSAState(mode=mode, start_iter=2, min_compress_numel=1000)
     state._force_exchange = force
     if side_stream is not None:
-        state._side_stream = side_stream
+        state._use_side_stream = side_stream
     pending, records, outs = [], [], []
 
     def hook(st, bucket):
@@ -336,4 +337,5 @@ def ddp_world1(rank, world, *, device="cpu", steps=6, mode="int2", force=True,
         "stats": state.stats(),
         "losses": losses,
         "params": flat.numpy().tobytes(),
+        "side_streams": len(state._side_streams),
     }

@@ -6,6 +6,8 @@ Skipped without a GPU (CI has none). The codec's own CUDA checks are in test_tor
 the weight sync's in test_sync.py and the predictor's in test_phase.py.
 """
 
+import functools
+
 import pytest
 import torch
 import tritter_comm
@@ -117,19 +119,50 @@ def test_exchange_through_nccl_at_world_1_is_bit_identical_to_gloo_cpu():
     assert res["residual_equal"] and res["server_residual_equal"] and res["residual_used"]
 
 
+@functools.lru_cache(maxsize=None)
+def _runs(backend: str, sync_debug: bool = False) -> dict:
+    """The forced world-1 DDP run on the GPU over ``backend``, side stream off and on (one
+    process, each run's own model and state); each result run once for the tests below."""
+    return run(C.side_stream_off_and_on, 1, worker=W.ddp_world1, device="cuda",
+               backend=backend, sync_debug=sync_debug, steps=5 if sync_debug else 6,
+               timeout=300)[0]
+
+
 def test_ddp_hook_through_nccl_at_world_1_is_bit_identical_to_gloo_cpu():
     # DDP with the hook, the model on the GPU, the exchange forced through NCCL: each bucket
-    # as the CPU exchange makes it; and the whole run as the same run over gloo (CUDA tensors)
-    r = run(W.ddp_world1, 1, device="cuda", backend=NCCL, timeout=300)[0]
+    # as the CPU exchange (gloo, the Rust codec) makes it; and the whole run as the same run
+    # over gloo with the model on the GPU
+    r = _runs(NCCL)["off"]
     _assert_forced_world1(r)
-    g = run(W.ddp_world1, 1, device="cuda", backend="gloo", timeout=300)[0]
+    g = _runs("gloo")["off"]
     _assert_forced_world1(g)
     assert r["params"] == g["params"]
 
 
 def test_ddp_hook_on_cuda_through_nccl_makes_no_host_sync():
     # issue 16: after the warm-up every hook call runs under set_sync_debug_mode("error"),
-    # which raises at any host synchronization (the non-finite check included)
-    r = run(W.ddp_world1, 1, device="cuda", backend=NCCL, sync_debug=True, steps=5,
-            timeout=300)[0]
-    _assert_forced_world1(r)
+    # which raises at any host synchronization (the non-finite check included); with the
+    # side stream too
+    both = _runs(NCCL, sync_debug=True)
+    for r in both.values():
+        _assert_forced_world1(r)
+    assert both["on"]["side_streams"] == 1
+
+
+@pytest.mark.parametrize("backend", [NCCL, "gloo"])
+def test_ddp_hook_on_cuda_side_stream_gives_the_same_bits_at_world_1(backend):
+    # issue 16, item 2: the codec work on a side stream, ordered by events, changes no bit
+    both = _runs(backend)
+    _assert_forced_world1(both["on"])
+    assert both["on"]["side_streams"] == 1 and both["off"]["side_streams"] == 0
+    assert both["on"]["params"] == both["off"]["params"]
+
+
+def test_ddp_hook_on_cuda_side_stream_gives_the_same_bits_on_two_gloo_ranks():
+    res = run(C.side_stream_off_and_on, 2, worker=C.ddp_on_cuda, steps=12, timeout=300)
+    for r in res:
+        assert r["on"]["side_streams"] == 1 and r["off"]["side_streams"] == 0
+        for k in ("off", "on"):
+            assert r[k]["first_diff"] is None, (k, r[k]["first_diff"])
+            assert r[k]["stats"]["buckets_compressed"] > 0
+    assert res[0]["on"]["params"] == res[1]["on"]["params"] == res[0]["off"]["params"]
