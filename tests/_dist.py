@@ -68,7 +68,10 @@ def run(fn, world: int, *args, timeout: float = 180.0, expect_exit: Optional[dic
     Every process must then exit, within ``exit_timeout`` seconds, with code 0, or with the
     code ``expect_exit`` gives its rank (``{1: -9}``: rank 1 is SIGKILLed; such a rank reports
     no result, and its entry is None). Any other exit code fails the run, even when every
-    rank reported success."""
+    rank reported success.
+
+    ``backend``: the process group's; with NCCL in it (``"cpu:gloo,cuda:nccl"``) each rank
+    first takes the GPU of its number."""
     expect = {r: 0 for r in range(world)}
     expect.update(expect_exit or {})
     ctx = mp.get_context("spawn")
