@@ -83,3 +83,44 @@ def side_stream_off_and_on(rank, world, *, worker, **kwargs):
     current stream, then on a side stream: ``{"off": ..., "on": ...}``."""
     return {"off": worker(rank, world, side_stream=False, **kwargs),
             "on": worker(rank, world, side_stream=True, **kwargs)}
+
+
+def exchange_nonfinite_cpu_and_cuda(rank, world, *, n=300_001, mode="int2"):
+    """Exchanges whose input holds NaN (step 1) or Inf (step 2) on CPU tensors (the Rust codec
+    raises, the slot is poisoned) and on CUDA tensors (the flag stays on the device), with
+    float32 and bfloat16 residuals: whether the bits of every output and residual match."""
+    plan = Plan.make(n, world, 10, MODES[mode], MODES[mode])
+    lo, hi = plan.bounds(rank)
+    g = torch.Generator().manual_seed(7 + rank)
+    xs = [torch.randn(n, generator=g) for _ in range(4)]
+    xs[1][123] = float("nan")
+    xs[2][n - 5] = float("inf")
+    same = {}
+    for rdt in (torch.float32, torch.bfloat16):
+        out = {}
+        for dev in ("cpu", "cuda"):
+            res = torch.zeros(n, dtype=rdt, device=dev)
+            sres = torch.zeros(hi - lo, dtype=rdt, device=dev)
+            ys, rs = [], []
+            for step, x in enumerate(xs):
+                ex = Exchange(plan, rank=rank, group=None, seed=3, step=step, key=1,
+                              timers=Timers())
+                y = x.to(dev).clone()
+                ex.start(y, res)
+                ex.reduce(sres)
+                ys.append(ex.finish(y).cpu())
+                rs.append((res.cpu().clone(), sres.cpu().clone()))
+            out[dev] = (ys, rs)
+        (yc, rc), (yg, rg) = out["cpu"], out["cuda"]
+        bits = (lambda t: t.view(torch.int32) if t.dtype == torch.float32
+                else t.view(torch.int16))
+        same[str(rdt)] = {
+            "outputs": [torch.equal(bits(a), bits(b)) for a, b in zip(yc, yg)],
+            "residuals": [torch.equal(bits(a[0]), bits(b[0]))
+                          and torch.equal(bits(a[1]), bits(b[1]))
+                          for a, b in zip(rc, rg)],
+            "nan_steps": [bool(torch.isnan(y).all()) for y in yc],
+            "residual_kept": [torch.equal(bits(rc[0][0]), bits(rc[1][0])),
+                              torch.equal(bits(rc[1][0]), bits(rc[2][0]))],
+        }
+    return same
