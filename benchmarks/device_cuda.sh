@@ -17,7 +17,7 @@ set -u
 out=${1:-/tmp/device-out}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-T_PROBE=${T_PROBE:-60} T_TESTS=${T_TESTS:-150} T_CODEC=${T_CODEC:-130} T_NET=${T_NET:-240}
+T_PROBE=${T_PROBE:-120} T_TESTS=${T_TESTS:-150} T_CODEC=${T_CODEC:-130} T_NET=${T_NET:-240}
 nvidia-smi -L
 python3 -m tritter_comm info
 echo "## 0. probe"

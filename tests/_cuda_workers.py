@@ -45,13 +45,16 @@ def exchange_cpu_and_cuda(rank, world, *, n=300_001, steps=3, mode="int2"):
     }
 
 
-def ddp_on_cuda(rank, world, *, steps=30, mode="int2", hook=True):
-    """DDP over gloo with the model on the GPU (and the VSA hook): the losses, the parameters
-    and the first step after which the replicas differed (None if never)."""
+def ddp_on_cuda(rank, world, *, steps=30, mode="int2", hook=True, side_stream=None):
+    """DDP over gloo with the model on the GPU (and the VSA hook, its CUDA work on a side
+    stream or not; None: the state's default): the losses, the parameters and the first step
+    after which the replicas differed (None if never)."""
     torch.manual_seed(0)
     model = W.Net(width=256).cuda()
     ddp = DDP(model, device_ids=[0], bucket_cap_mb=0.5)
     state = tritter_comm.VSAState(mode=mode, start_iter=2, min_compress_numel=1000)
+    if side_stream is not None:
+        state._use_side_stream = side_stream
     if hook:
         ddp.register_comm_hook(state, tritter_comm.vsa_hook)
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
@@ -71,5 +74,53 @@ def ddp_on_cuda(rank, world, *, steps=30, mode="int2", hook=True):
     flat = torch.cat([p.detach().flatten() for p in model.parameters()]).cpu()
     dist.barrier()
     return {"losses": losses, "params": flat.numpy().tobytes(), "stats": state.stats(),
-            "first_diff": first_diff,
+            "first_diff": first_diff, "side_streams": len(state._side_streams),
             "residual_devices": sorted({str(r.device) for r in state.residuals.values()})}
+
+
+def side_stream_off_and_on(rank, world, *, worker, **kwargs):
+    """``worker`` (a rank function) run twice in this process, the hook's CUDA work on the
+    current stream, then on a side stream: ``{"off": ..., "on": ...}``."""
+    return {"off": worker(rank, world, side_stream=False, **kwargs),
+            "on": worker(rank, world, side_stream=True, **kwargs)}
+
+
+def exchange_nonfinite_cpu_and_cuda(rank, world, *, n=300_001, mode="int2"):
+    """Exchanges whose input holds NaN (step 1) or Inf (step 2) on CPU tensors (the Rust codec
+    raises, the slot is poisoned) and on CUDA tensors (the flag stays on the device), with
+    float32 and bfloat16 residuals: whether the bits of every output and residual match."""
+    plan = Plan.make(n, world, 10, MODES[mode], MODES[mode])
+    lo, hi = plan.bounds(rank)
+    g = torch.Generator().manual_seed(7 + rank)
+    xs = [torch.randn(n, generator=g) for _ in range(4)]
+    xs[1][123] = float("nan")
+    xs[2][n - 5] = float("inf")
+    same = {}
+    for rdt in (torch.float32, torch.bfloat16):
+        out = {}
+        for dev in ("cpu", "cuda"):
+            res = torch.zeros(n, dtype=rdt, device=dev)
+            sres = torch.zeros(hi - lo, dtype=rdt, device=dev)
+            ys, rs = [], []
+            for step, x in enumerate(xs):
+                ex = Exchange(plan, rank=rank, group=None, seed=3, step=step, key=1,
+                              timers=Timers())
+                y = x.to(dev).clone()
+                ex.start(y, res)
+                ex.reduce(sres)
+                ys.append(ex.finish(y).cpu())
+                rs.append((res.cpu().clone(), sres.cpu().clone()))
+            out[dev] = (ys, rs)
+        (yc, rc), (yg, rg) = out["cpu"], out["cuda"]
+        bits = (lambda t: t.view(torch.int32) if t.dtype == torch.float32
+                else t.view(torch.int16))
+        same[str(rdt)] = {
+            "outputs": [torch.equal(bits(a), bits(b)) for a, b in zip(yc, yg)],
+            "residuals": [torch.equal(bits(a[0]), bits(b[0]))
+                          and torch.equal(bits(a[1]), bits(b[1]))
+                          for a, b in zip(rc, rg)],
+            "nan_steps": [bool(torch.isnan(y).all()) for y in yc],
+            "residual_kept": [torch.equal(bits(rc[0][0]), bits(rc[1][0])),
+                              torch.equal(bits(rc[1][0]), bits(rc[2][0]))],
+        }
+    return same

@@ -219,3 +219,123 @@ def train_with_version(rank, world, *, versions, **kwargs):
 
     ddp_mod._version_number = lambda: versions[rank]
     return train(rank, world, **kwargs)
+
+
+class CallCounter:
+    """Counts the calls of each collective the exchange and the plain path use."""
+
+    NAMES = ("all_to_all_single", "all_gather_into_tensor", "all_reduce")
+
+    def __init__(self):
+        self.calls = dict.fromkeys(self.NAMES, 0)
+        self._orig = {}
+
+    def __enter__(self):
+        for name in self.NAMES:
+            orig = self._orig[name] = getattr(dist, name)
+
+            def counted(*a, _name=name, _orig=orig, **k):
+                self.calls[_name] += 1
+                return _orig(*a, **k)
+
+            setattr(dist, name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        for name, f in self._orig.items():
+            setattr(dist, name, f)
+
+
+def replay_exchanges(state, records):
+    """What the hook should have made of each bucket ``(key, iter, input)`` it was given (in
+    hook-call order), with ``Exchange`` driven directly on CPU tensors (the Rust codec; gloo at
+    world 1): plain buckets (warm-up, small) unchanged (an all-reduce over one rank divided by
+    one), compressed ones through start, reduce and finish with the client and server
+    residuals of their key. The reference of the forced world-1 exchange (issue 16)."""
+    from tritter_comm.codec import MODES, block_log2
+    from tritter_comm.exchange import Exchange, Plan, Timers
+
+    res, sres, outs = {}, {}, []
+    dtype = getattr(torch, state.config.residual_dtype)
+    for key, it, x in records:
+        x = x.detach().cpu().clone()
+        if it < state.start_iter or x.numel() < state.min_compress_numel:
+            outs.append(x)
+            continue
+        plan = Plan.make(x.numel(), 1, block_log2(state.block_size), MODES[state.mode],
+                         MODES[state.phase2_mode])
+        ex = Exchange(plan, rank=0, group=None, seed=state.seed, step=it, key=key,
+                      timers=Timers(), fixed_keys=state.fixed_keys)
+        r = (res.setdefault(key, torch.zeros(x.numel(), dtype=dtype))
+             if state.error_feedback else None)
+        ex.start(x, r)
+        s = (sres.setdefault(key, torch.zeros(x.numel(), dtype=dtype))
+             if state.server_error_feedback else None)
+        ex.reduce(s)
+        outs.append(ex.finish(x))
+    return outs
+
+
+def ddp_world1(rank, world, *, device="cpu", steps=6, mode="int2", force=True,
+               sync_debug=False, side_stream=None):
+    """DDP at world size 1 with the VSA hook (``_force_exchange``: through the collectives),
+    each hook call's bucket recorded before and after: whether each output equals what a
+    direct ``Exchange`` on CPU makes of its input (``replay_exchanges``), the collectives
+    called, the parameters. ``sync_debug``: every hook call after the warm-up runs under
+    ``torch.cuda.set_sync_debug_mode("error")`` (the hook's own steps only: a host sync
+    there raises, and the step fails). ``side_stream``: the hook's CUDA work on a side
+    stream, or not (None: the state's default)."""
+    assert world == 1
+    torch.manual_seed(0)
+    model = Net(width=256).to(device)
+    ddp = DDP(model, device_ids=[0] if device == "cuda" else None, bucket_cap_mb=0.01)
+    state = tritter_comm.VSAState(mode=mode, start_iter=2, min_compress_numel=1000)
+    state._force_exchange = force
+    if side_stream is not None:
+        state._use_side_stream = side_stream
+    pending, records, outs = [], [], []
+
+    def hook(st, bucket):
+        x = bucket.buffer().detach().clone()
+        it = st.iter
+        strict = sync_debug and it >= st.start_iter
+        if strict:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            fut = tritter_comm.vsa_hook(st, bucket)
+        finally:
+            if strict:
+                torch.cuda.set_sync_debug_mode("default")
+        pending.append(fut)
+        records.append((bucket.index(), it, x))
+        return fut
+
+    ddp.register_comm_hook(state, hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    losses = []
+    with CallCounter() as calls:
+        for step in range(steps):
+            x, y = _data(rank, step, torch.float32)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(ddp(x.to(device)), y.to(device))
+            loss.backward()
+            outs.extend(f.wait().detach().clone() for f in pending)  # before DDP reuses them
+            pending.clear()
+            opt.step()
+            losses.append(loss.item())
+    ref = replay_exchanges(state, records)
+    got = [o.cpu() for o in outs]
+    compressed = [it >= state.start_iter and x.numel() >= state.min_compress_numel
+                  for _, it, x in records]
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()]).cpu()
+    return {
+        "buckets": len(records),
+        "compressed": compressed,
+        "equal_ref": [torch.equal(a, b) for a, b in zip(got, ref)],
+        "unchanged": [torch.equal(a, x.cpu()) for a, (_, _, x) in zip(got, records)],
+        "calls": dict(calls.calls),
+        "stats": state.stats(),
+        "losses": losses,
+        "params": flat.numpy().tobytes(),
+        "side_streams": len(state._side_streams),
+    }

@@ -25,13 +25,15 @@ def _call(fn, rank, world, args, kwargs):
         return "error", traceback.format_exc()
 
 
-def _entry(fn, rank, world, store_path, q, args, kwargs):
+def _entry(fn, rank, world, store_path, q, args, kwargs, backend="gloo"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     status, value = "error", None
     try:
         store = dist.FileStore(store_path, world)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+        if "nccl" in backend:
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=60))
         # fn's exception is formatted and dropped inside _call: its traceback would keep fn's
         # frames, and so its models and their process group, alive through the teardown
@@ -59,21 +61,24 @@ def _describe(code: Optional[int]) -> str:
 
 
 def run(fn, world: int, *args, timeout: float = 180.0, expect_exit: Optional[dict] = None,
-        exit_timeout: float = 60.0, **kwargs) -> list:
+        exit_timeout: float = 60.0, backend: str = "gloo", **kwargs) -> list:
     """Run ``fn(rank, world, *args, **kwargs)`` on ``world`` processes; return their results
     in rank order. A rank's exception is re-raised here; a hang raises ``TimeoutError``.
 
     Every process must then exit, within ``exit_timeout`` seconds, with code 0, or with the
     code ``expect_exit`` gives its rank (``{1: -9}``: rank 1 is SIGKILLed; such a rank reports
     no result, and its entry is None). Any other exit code fails the run, even when every
-    rank reported success."""
+    rank reported success.
+
+    ``backend``: the process group's; with NCCL in it (``"cpu:gloo,cuda:nccl"``) each rank
+    first takes the GPU of its number."""
     expect = {r: 0 for r in range(world)}
     expect.update(expect_exit or {})
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     with tempfile.TemporaryDirectory() as d:
         store = os.path.join(d, "store")
-        procs = [ctx.Process(target=_entry, args=(fn, r, world, store, q, args, kwargs),
+        procs = [ctx.Process(target=_entry, args=(fn, r, world, store, q, args, kwargs, backend),
                              daemon=True) for r in range(world)]
         for p in procs:
             p.start()

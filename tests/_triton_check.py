@@ -7,7 +7,9 @@ the cases of each job.
 
 SECTION is ``encode`` (bodies and residuals), ``decode`` (outputs in every dtype),
 ``decode_sum`` (phase 2's sum of N bodies in rank order), ``nonfinite`` (NaN and Inf, against
-the torch ops where the Rust encoder refuses them) or ``fallback`` (kernels that fail to build).
+the torch ops where the Rust encoder refuses them), ``poison`` (the exchange's CUDA encode on
+NaN and Inf: the poisoned body, the residual untouched, decided on the device) or ``fallback``
+(kernels that fail to build).
 OPTIONS, comma-separated: ``plain`` runs the kernels' plain build (codes one byte each, packed
 by the torch ops; butterflies for the levels) instead of the fast one; ``quick`` checks one
 length; ``sparse`` one dtype for each block size and mode, in turn. One process runs them all:
@@ -268,6 +270,50 @@ def check_nonfinite(blogs):
     return cases
 
 
+def check_poison(blogs):
+    """The exchange's CUDA encode (``encode_body_or_poison_into``, issue 16): the kernel reads
+    the device's non-finite flag and, on it, writes the poisoned body (NaN scales, zero codes:
+    ``exchange._poison``'s bytes) and leaves the residual as it was; without NaN or Inf it gives
+    the Rust bytes and residual. NaN in a full block, Inf in the tail, NaN in the residual."""
+    from tritter_comm.codec import encode_body_or_poison_into
+    from tritter_comm.exchange import _nblocks, _poison
+
+    cases = []
+    for blog in blogs:
+        b = 1 << blog
+        n = 2 * b + 77
+        for mode in (0, 1, 2):
+            for dtype in _dtypes(blog, mode):
+                for bad in ("none", "x-nan", "x-inf-tail", "residual-nan"):
+                    x = _vector(n, b, dtype, blog + mode)
+                    e = (0.3 * torch.randn(n, generator=torch.Generator().manual_seed(4))).to(
+                        dtype)
+                    if bad == "x-nan":
+                        x[b + 3] = float("nan")
+                    elif bad == "x-inf-tail":
+                        x[2 * b + 50] = float("inf")
+                    elif bad == "residual-nan":
+                        e[5] = float("nan")
+                    kw = dict(seed=2, stream=5, mode_id=mode, block_log2=blog)
+                    size = tc.body_nbytes(n, mode, blog)
+                    e1 = e.clone()
+                    if bad == "none":
+                        b1 = torch.empty(size, dtype=torch.uint8)
+                        encode_body_into(x, b1, residual=e1, backend="rust", **kw)
+                    else:
+                        b1 = torch.zeros(size, dtype=torch.uint8)
+                        _poison(b1, _nblocks(n, blog))
+                    b2 = _on(torch.full((size,), 0xAB, dtype=torch.uint8))
+                    e2 = _on(e)
+                    got = {}
+                    ran = _kernel(lambda: got.update(flag=encode_body_or_poison_into(
+                        _on(x), b2, residual=e2, **kw)))
+                    cases.append({"case": [blog, mode, str(dtype), bad],
+                                  "ok": ran and torch.equal(b1, b2.cpu()) and _same(e1, e2.cpu())
+                                  and int(got["flag"].cpu()) == (bad != "none")})
+    return cases
+
+
 class _Failing:
     """A kernel whose launches fail to build where ``when(constexprs)`` says so."""
 
@@ -372,8 +418,10 @@ def compile_for(arch: int) -> list:
         p = tt._next_pow2(-(-shape["L"] // tt._PER_BYTE[mode]))
         for kind, fn, pointers, consts in (
             ("encode", tt._encode_kernel,
-             {"x_ptr": f"*{dt}", "e_ptr": f"*{dt}", "out_ptr": "*u8", "codes_ptr": "*u8"},
-             dict(HAS_RES=True, TAIL=tail, PACK=fast, DOT=fast, P=p, **shape)),
+             {"x_ptr": f"*{dt}", "e_ptr": f"*{dt}", "out_ptr": "*u8", "codes_ptr": "*u8",
+              "flag_ptr": "*u8"},
+             # with the device's non-finite flag, as the exchange runs it (issue 16)
+             dict(HAS_RES=True, HAS_FLAG=True, TAIL=tail, PACK=fast, DOT=fast, P=p, **shape)),
             ("decode", tt._decode_kernel, {"body_ptr": "*u8", "out_ptr": f"*{dt}"},
              dict(TAIL=tail, DOT=fast, AVERAGE=dt == "fp32", **shape)),
         ):

@@ -245,3 +245,24 @@ def test_bfloat16_residuals_halve_the_memory_and_train():
     assert mean(losses[-5:]) < 0.7 * mean(losses[:5])
     with pytest.raises(ValueError, match="residual_dtype"):
         tritter_comm.VSAState(residual_dtype="float16")
+
+
+def test_forced_exchange_at_world_1_goes_through_the_collectives():
+    # the testing switch (VSAState._force_exchange, TRITTER_COMM_FORCE_EXCHANGE=1): one rank
+    # runs the whole exchange through its collectives, and each bucket comes out as a direct
+    # Exchange makes it (the reference NCCL on one GPU is checked against: test_cuda.py)
+    r = run(W.ddp_world1, 1)[0]
+    assert any(r["compressed"]) and not all(r["compressed"]), r["compressed"]
+    assert all(r["equal_ref"]), r["equal_ref"]
+    # compressed buckets were changed by the codec; the warm-up and small ones were not
+    assert [not u for u in r["unchanged"]] == r["compressed"]
+    n = sum(r["compressed"])
+    assert r["calls"]["all_to_all_single"] == n and r["calls"]["all_gather_into_tensor"] == n
+    assert r["calls"]["all_reduce"] == r["buckets"] - n
+    assert r["stats"]["buckets_compressed"] == n
+
+
+def test_without_the_switch_world_1_returns_buckets_as_they_are():
+    r = run(W.ddp_world1, 1, force=False)[0]
+    assert all(r["unchanged"])
+    assert r["calls"] == dict.fromkeys(r["calls"], 0)

@@ -29,6 +29,8 @@ CHECKS = {
     "decode_sum:8": 48,  # 3 modes x 2 lengths x 1 or 3 bodies x 4 outputs
     "decode_sum:10,12:quick": 24,  # 3 bodies, one length
     "nonfinite:8": 33,  # NaN, -Inf, overflow x 3 modes x dtypes; decode and sum
+    "poison:8": 36,  # the flag on the device: 3 modes x 3 dtypes x (none, NaN, tail Inf, residual)
+    "poison:8:plain": 36,
     "encode:8:plain,quick": 18,  # the plain build
     "decode_sum:8:plain,quick": 12,
 }
@@ -126,7 +128,8 @@ def test_triton_kernels_on_cuda_match_the_rust_codec():
     env = {k: v for k, v in os.environ.items()
            if k not in ("TRITON_INTERPRET", "TRITTER_COMM_TRITON")}
     jobs = ["encode:8,12:quick,sparse", "decode:8,12:quick,sparse",
-            "decode_sum:10:quick,sparse", "nonfinite:10:sparse", "fallback:10"]
+            "decode_sum:10:quick,sparse", "nonfinite:10:sparse", "poison:10:sparse",
+            "fallback:10"]
     out = subprocess.run([sys.executable, str(HERE / "_triton_check.py"), "--cuda", *jobs],
                          capture_output=True, text=True, env=env, timeout=280, check=False)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -321,9 +321,14 @@ def encode_body(
     block_log2: int,
     residual: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    poison: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Encode 1-D ``x`` to a uint8 body on ``x.device`` (written into ``out`` when given: 1-D
     contiguous uint8 of ``body_nbytes``; returned).
+
+    ``poison``: a one-element uint8 tensor on ``x.device``. Where it is nonzero the body is the
+    poisoned one (NaN scales, zero codes: ``exchange._poison``'s bytes) and ``residual`` keeps its
+    values, decided on the device (no host synchronization).
 
     With ``residual`` (same shape, dtype and device as ``x``), encodes ``u = f32(x) + f32(e)``
     and updates ``residual`` in place to ``cast(u - xhat)``. CUDA tensors run the Triton kernels
@@ -341,14 +346,18 @@ def encode_body(
     if (_triton_codec.available(x.device, 1 << block_log2) and x.is_contiguous()
             and out.is_contiguous() and (residual is None or residual.is_contiguous())):
         lo = _triton_codec.encode_into(x, residual, out, block_log2=block_log2, mode=mode,
-                                       k1=k1, k2=k2, pack_ops=_pack)
+                                       k1=k1, k2=k2, pack_ops=_pack, poison=poison)
     if lo < n:
-        _encode_ops(x, residual, out, lo=lo, k1=k1, k2=k2, mode=mode, block_log2=block_log2)
+        _encode_ops(x, residual, out, lo=lo, k1=k1, k2=k2, mode=mode, block_log2=block_log2,
+                    poison=poison)
     return out
 
 
+_NAN_BITS = 0x7FC00000  # the f32 NaN of a poisoned body's scales
+
+
 def _encode_ops(x, residual, out, *, lo: int, k1: int, k2: int, mode: int,
-                block_log2: int) -> None:
+                block_log2: int, poison: torch.Tensor | None = None) -> None:
     """Encode the blocks of ``x`` from element ``lo`` (0, or the end of the full blocks) on
     with the torch ops, into their places in the body ``out``."""
     n = x.numel()
@@ -380,13 +389,21 @@ def _encode_ops(x, residual, out, *, lo: int, k1: int, k2: int, mode: int,
         if residual is not None:
             xhat = _dequantize(codes, scale, kb, mode)
             e = (ub - xhat).reshape(-1)[:cnt]
+            if poison is not None:  # the residual keeps its values on the flag
+                r = residual[pos : pos + cnt]
+                e = torch.where(poison.bool(), r, e.to(r.dtype))
             residual[pos : pos + cnt].copy_(e)
         pos += cnt
 
     s0 = 4 * (lo // b)
     p0 = 4 * nb + (lo // b) * _packed_nbytes(b, mode)
-    out[s0 : 4 * nb].copy_(torch.cat(scales).view(torch.uint8))
-    out[p0:].copy_(torch.cat(packed))
+    sbits = torch.cat(scales).view(torch.int32)
+    codes_packed = torch.cat(packed)
+    if poison is not None:  # the poisoned body: NaN scales, zero codes
+        sbits = torch.where(poison.bool(), _NAN_BITS, sbits)
+        codes_packed = torch.where(poison.bool(), 0, codes_packed)
+    out[s0 : 4 * nb].copy_(sbits.view(torch.uint8))
+    out[p0:].copy_(codes_packed)
 
 
 def _scales_view(body: torch.Tensor, nb: int) -> torch.Tensor:

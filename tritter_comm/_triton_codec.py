@@ -226,9 +226,10 @@ if triton is not None:
         return num, 8 * tl.sum(big.to(tl.int32), axis=0)
 
     @triton.jit(do_not_specialize=["k1", "k2", "nfull", "n", "tlen", "pk0"])
-    def _encode_kernel(x_ptr, e_ptr, out_ptr, codes_ptr, k1, k2, nfull, n, tlen, pk0,
+    def _encode_kernel(x_ptr, e_ptr, out_ptr, codes_ptr, flag_ptr, k1, k2, nfull, n, tlen, pk0,
                        L: tl.constexpr, LOG2: tl.constexpr, MODE: tl.constexpr,
-                       HAS_RES: tl.constexpr, TAIL: tl.constexpr, PACK: tl.constexpr,
+                       HAS_RES: tl.constexpr, HAS_FLAG: tl.constexpr, TAIL: tl.constexpr,
+                       PACK: tl.constexpr,
                        DOT: tl.constexpr, A: tl.constexpr, BC: tl.constexpr,
                        PER: tl.constexpr, PB: tl.constexpr, P: tl.constexpr):
         if TAIL:  # the one tail block, of tlen (a power of two < L) with n - nfull L elements
@@ -280,9 +281,18 @@ if triton is not None:
             codes = pos_ * 2 + (pos_ == big.to(tl.int32)).to(tl.int32)
         if TAIL:
             codes = tl.where(inblk, codes, 0)  # codes past the block count as 0 when packed
+        sbits = scale.to(tl.uint32, bitcast=True)
+        if HAS_FLAG:  # non-finite input (flag set on the device): the poisoned body
+            bad = tl.load(flag_ptr) != 0
+            res_codes = codes  # the residual is not stored when bad: any codes do
+            codes = tl.where(bad, 0, codes)  # zero codes pack to zero bytes in every mode
+            sbits = tl.where(bad, 0x7FC00000, sbits)  # f32 NaN, as _NAN_LE
+            keep = offs < tl.where(bad, 0, L)  # the residual stays as it was
+        else:
+            res_codes = codes
+            keep = offs < L
         # the scale's four bytes (the body need not be 4-aligned)
         sb = tl.arange(0, 4)
-        sbits = scale.to(tl.uint32, bitcast=True)
         tl.store(out_ptr + 4 * row + sb, ((sbits >> (8 * sb).to(tl.uint32)) & 0xFF).to(tl.uint8))
         if PACK:
             j = tl.arange(0, P)
@@ -297,13 +307,15 @@ if triton is not None:
         else:
             tl.store(codes_ptr + pos, codes.to(tl.uint8))
         if HAS_RES:
-            level = _levels(codes, MODE)
+            level = _levels(res_codes, MODE)
             if TAIL:
                 level = tl.where(inblk, level, 0.0)
             xhat = (_wht_levels(level, L, LOG2, DOT, A, BC) * scale) * key
             e = _round(u - xhat, e_ptr.dtype.element_ty)
             if TAIL:
-                tl.store(e_ptr + pos, e, mask=valid)
+                tl.store(e_ptr + pos, e, mask=valid & keep)
+            elif HAS_FLAG:
+                tl.store(e_ptr + pos, e, mask=keep)
             else:
                 tl.store(e_ptr + pos, e)
 
@@ -402,7 +414,7 @@ def _build_errors() -> tuple:
 
 
 def _encode_launch(x, residual, out, *, tail: bool, nfull: int, n: int, tlen: int, pk0: int,
-                   shape: dict, k1: int, k2: int, pack_ops) -> bool:
+                   shape: dict, k1: int, k2: int, pack_ops, poison) -> bool:
     length, mode, pb = shape["L"], shape["MODE"], shape["PB"]
     rows = 1 if tail else nfull
     for build in _BUILDS:
@@ -414,8 +426,10 @@ def _encode_launch(x, residual, out, *, tail: bool, nfull: int, n: int, tlen: in
         codes = out if fast else torch.empty(rows, length, dtype=torch.uint8, device=x.device)
         try:
             _encode_kernel[(rows,)](
-                x, residual if residual is not None else x, out, codes, _i32(k1), _i32(k2),
-                nfull, n, tlen, pk0, HAS_RES=residual is not None, TAIL=tail, PACK=fast,
+                x, residual if residual is not None else x, out, codes,
+                poison if poison is not None else x, _i32(k1), _i32(k2),
+                nfull, n, tlen, pk0, HAS_RES=residual is not None,
+                HAS_FLAG=poison is not None, TAIL=tail, PACK=fast,
                 DOT=fast, P=_next_pow2(-(-length // _PER_BYTE[mode])), **shape,
                 num_warps=_num_warps("encode", length), enable_fp_fusion=False,
             )
@@ -434,14 +448,19 @@ def _encode_launch(x, residual, out, *, tail: bool, nfull: int, n: int, tlen: in
 
 
 def encode_into(x: torch.Tensor, residual: Optional[torch.Tensor], out: torch.Tensor, *,
-                block_log2: int, mode: int, k1: int, k2: int, pack_ops) -> int:
+                block_log2: int, mode: int, k1: int, k2: int, pack_ops,
+                poison: Optional[torch.Tensor] = None) -> int:
     """Encode 1-D ``x`` (``u = x + residual`` with one, the residual updated in place) into the
     body ``out`` (uint8, ``body_nbytes`` long): the full blocks in one launch, the tail block in
     another. Returns how many leading elements were encoded: ``x.numel()``, or, where a kernel
     could not be built (logged once), 0 or the full blocks' ``nfull * L`` (the caller encodes
     the rest with the torch ops; nothing of the rest was written). ``pack_ops`` packs a
     ``(rows, L)`` uint8 tensor of codes into ``(rows, packed bytes)`` (``_torch_codec._pack``,
-    passed in: this module imports nothing of the package), for the plain build."""
+    passed in: this module imports nothing of the package), for the plain build.
+
+    ``poison``, a one-element uint8 tensor on ``x``'s device, is read by the kernel: where it is
+    nonzero the body is the poisoned one (NaN scales, zero codes) and ``residual`` is not
+    written, with no host synchronization."""
     global launches
     n = x.numel()
     shape = _shape(block_log2, mode)
@@ -449,7 +468,8 @@ def encode_into(x: torch.Tensor, residual: Optional[torch.Tensor], out: torch.Te
     nfull, r = divmod(n, length)
     tlen = _next_pow2(r) if r else 0
     pk0 = 4 * (nfull + (1 if r else 0))
-    kw = dict(nfull=nfull, n=n, pk0=pk0, shape=shape, k1=k1, k2=k2, pack_ops=pack_ops)
+    kw = dict(nfull=nfull, n=n, pk0=pk0, shape=shape, k1=k1, k2=k2, pack_ops=pack_ops,
+              poison=poison)
     if nfull and not _encode_launch(x, residual, out, tail=False, tlen=length, **kw):
         return 0
     if r and not _encode_launch(x, residual, out, tail=True, tlen=tlen, **kw):

@@ -400,6 +400,37 @@ def encode_body_into(
                         residual=residual, out=out)
 
 
+def nonfinite(x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """1 (a one-element uint8 tensor on ``x``'s device) where ``x`` or ``residual`` holds NaN or
+    Inf, else 0: computed on the device, never read back to the host here."""
+    bad = torch.isfinite(x).all().logical_not()
+    if residual is not None:
+        bad = bad | torch.isfinite(residual).all().logical_not()
+    return bad.to(torch.uint8).reshape(1)
+
+
+def encode_body_or_poison_into(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    seed: int,
+    stream: int,
+    mode_id: int,
+    block_log2: int,
+    residual: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``encode_body_into`` for the torch/Triton backend that never raises on NaN or Inf and
+    never synchronizes with the host (issue 16): where ``x`` or ``residual`` holds one, ``out``
+    gets the poisoned body (NaN scales, zero codes: the bytes of ``exchange._poison``) and
+    ``residual`` keeps its values, decided on the device by the kernel that encodes. Returns
+    the flag (``nonfinite``). The Rust backend raises instead (``encode_body_into``)."""
+    _check_disjoint(("x", x), ("residual", residual), ("out", out))
+    flag = nonfinite(x, residual)
+    _tc.encode_body(x, seed=seed, stream=stream, mode=mode_id, block_log2=block_log2,
+                    residual=residual, out=out, poison=flag)
+    return flag
+
+
 def decode_body_into(
     body: torch.Tensor,
     out: torch.Tensor,

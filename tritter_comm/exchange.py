@@ -30,7 +30,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .codec import body_len, decode_body_into, decode_sum_into, encode_body_into
+from .codec import (body_len, decode_body_into, decode_sum_into, encode_body_into,
+                    encode_body_or_poison_into)
 
 #: Streams: bits 0 phase, 1-11 chunk, 12-31 bucket, 32-63 step.
 MAX_WORLD = 1 << 11
@@ -124,8 +125,12 @@ def _nblocks(n: int, block_log2: int) -> int:
     return -(-n // (1 << block_log2))
 
 
-def _encode(x, slot, *, seed, stream, plan, residual, timers, phase=0) -> bool:
+def _encode(x, slot, *, seed, stream, plan, residual, timers, phase=0) -> None:
     """Encode into ``slot``; on NaN/Inf poison it instead and leave ``residual`` as it was.
+
+    CPU tensors (Rust): the codec raises, and the slot is poisoned here. CUDA tensors
+    (torch/Triton): the non-finite flag stays on the device and the encode kernel itself
+    writes the poisoned body and skips the residual (no host synchronization; issue 16).
 
     A residual kept in a narrower dtype (``VSAState(residual_dtype=torch.bfloat16)``, half the
     memory) is widened to float32 for the encode and rounded back after it. The widened copy is
@@ -138,19 +143,23 @@ def _encode(x, slot, *, seed, stream, plan, residual, timers, phase=0) -> bool:
     if residual is not None and residual.dtype != x.dtype:
         work = residual.to(x.dtype)
     mode_id = plan.mode2_id if phase else plan.mode_id
-    try:
-        encode_body_into(x, slot[: body_len(n, mode_id, plan.block_log2)],
-                         seed=seed, stream=stream, mode_id=mode_id,
-                         block_log2=plan.block_log2, residual=work,
-                         check_finite=work is residual)
+    body = slot[: body_len(n, mode_id, plan.block_log2)]
+    if x.device.type != "cpu":  # the codec's torch/Triton backend
+        bad = encode_body_or_poison_into(x, body, seed=seed, stream=stream, mode_id=mode_id,
+                                         block_log2=plan.block_log2, residual=work)
         if work is not residual:
-            residual.copy_(work)
-        ok = True
-    except ValueError:
-        _poison(slot, _nblocks(n, plan.block_log2))
-        ok = False
+            # on the flag the widened copy is as it was; where() keeps even a NaN's payload
+            residual.copy_(torch.where(bad.bool(), residual, work.to(residual.dtype)))
+    else:
+        try:
+            encode_body_into(x, body, seed=seed, stream=stream, mode_id=mode_id,
+                             block_log2=plan.block_log2, residual=work,
+                             check_finite=work is residual)
+            if work is not residual:
+                residual.copy_(work)
+        except ValueError:
+            _poison(slot, _nblocks(n, plan.block_log2))
     timers.encode_seconds += time.perf_counter() - t0
-    return ok
 
 
 def _decode(slot, out, *, seed, stream, plan, timers, phase=0) -> None:

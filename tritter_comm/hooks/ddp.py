@@ -10,6 +10,7 @@ never on a backend's thread: see "Exchanges in flight" below.
 
 # No `from __future__ import annotations`: DDP checks the hook's annotations at run time.
 
+import contextlib
 import datetime
 import logging
 import time
@@ -249,6 +250,49 @@ def _advance(state: VSAState, *, drain: bool) -> None:
         raise
 
 
+# -- streams ------------------------------------------------------------------------------------
+#
+# With the side stream (VSAState._use_side_stream, CUDA buckets), each hook call makes the side
+# stream wait for an event recorded on the current stream (the backward pass's, which wrote the
+# bucket) and then runs all of its work with the side stream current: the encodes, the
+# collectives (NCCL and gloo order themselves after the current stream at launch, and make the
+# current stream wait for them at wait()), the decodes, the writes into the bucket and each
+# future's set_result, whose CUDA-aware future records its events on the side stream, so that
+# DDP's wait() orders the backward stream after them. All of one hook's work stays on one
+# stream, in the order it has without the side stream, so the bits do not change.
+# Lifetimes: every buffer of the exchange is allocated on the side stream and used only there
+# (the collectives record their own streams); the bucket, allocated by DDP on the backward
+# stream and written here, is recorded on the side stream (record_stream), so that its memory
+# is not reused before the side stream's work on it is done. Residuals are allocated on the
+# side stream and kept for the life of the state: toggle the side stream before the first
+# step only.
+
+def _side_stream(state: VSAState, t: torch.Tensor) -> Optional[torch.cuda.Stream]:
+    """The side stream for ``t``'s device, once it has waited for the current stream (and
+    ``t`` recorded on it); None where the hook runs on the current stream."""
+    if not state._use_side_stream or t.device.type != "cuda" or state.auto:
+        return None
+    side = state._side_streams.get(t.device.index)
+    if side is None:
+        side = state._side_streams[t.device.index] = torch.cuda.Stream(t.device)
+    side.wait_stream(torch.cuda.current_stream(t.device))
+    t.record_stream(side)
+    return side
+
+
+def _launch_bucket(state: VSAState, bucket: dist.GradBucket, t: torch.Tensor,
+                   world: int) -> torch.futures.Future:
+    if (state.iter < state.start_iter or not t.is_floating_point()
+            or t.numel() < state.min_compress_numel):
+        return _launch(state, _plain(state, bucket, world))
+    t0 = time.perf_counter()
+    fut = _auto.exchange(state, bucket, _Launcher(state, world)) if state.auto else None
+    if fut is None:  # compressed (auto: a probe step or a plain bucket returns its own)
+        fut = _launch(state, _compressed(state, bucket, world))
+    logger.debug("bucket %d: hook %.1f ms", bucket.index(), 1e3 * (time.perf_counter() - t0))
+    return fut
+
+
 def vsa_hook(state: VSAState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP comm hook: compressed two-phase all-reduce of ``bucket``, averaged like DDP's."""
     t = bucket.buffer()
@@ -263,19 +307,14 @@ def vsa_hook(state: VSAState, bucket: dist.GradBucket) -> torch.futures.Future[t
         state._bytes_uncompressed += 2 * (world - 1) * t.numel() * 4 // world
         if not state._layout or state._saved_layout is not None:
             _param_ids(state, bucket)  # number the parameters in the first iteration
-        if world == 1:
+        if world == 1 and not state._force_exchange:
             fut = _done(t)
-        elif (state.iter < state.start_iter or not t.is_floating_point()
-              or t.numel() < state.min_compress_numel):
-            fut = _launch(state, _plain(state, bucket, world))
+            _advance(state, drain=last)
         else:
-            t0 = time.perf_counter()
-            fut = _auto.exchange(state, bucket, _Launcher(state, world)) if state.auto else None
-            if fut is None:  # compressed (auto: a probe step or a plain bucket returns its own)
-                fut = _launch(state, _compressed(state, bucket, world))
-            logger.debug("bucket %d: hook %.1f ms", bucket.index(),
-                         1e3 * (time.perf_counter() - t0))
-        _advance(state, drain=last)
+            side = _side_stream(state, t)
+            with contextlib.nullcontext() if side is None else torch.cuda.stream(side):
+                fut = _launch_bucket(state, bucket, t, world)
+                _advance(state, drain=last)
         if last and state.auto and world > 1:
             _auto.end_step(state, bucket.index() + 1, t.device)  # collective: hook call only
     except BaseException as e:

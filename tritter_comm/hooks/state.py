@@ -8,6 +8,7 @@ state dict that checkpoints carry.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Optional
 
 import torch
@@ -61,6 +62,8 @@ class VSAState:
         "config",
         # flags
         "_config_checked",
+        "_force_exchange",
+        "_use_side_stream",
         # internal state
         "iter",
         "residuals",
@@ -78,6 +81,7 @@ class VSAState:
         "_param_ids",
         "_auto",
         "_fsdp",
+        "_side_streams",
         "__weakref__",  # tritter_comm.shutdown() and the exit handler track states weakly
     )
 
@@ -95,6 +99,16 @@ class VSAState:
         self._auto = _auto.AutoChoice() if self.config.auto else None
         # the groups whose ranks were found to agree on the configuration (by id)
         self._config_checked: set[Optional[int]] = set()
+        # For tests only: run the exchange through its collectives at world size 1 too (one
+        # GPU allows no more NCCL ranks), where the hook otherwise returns the bucket as it is.
+        # TRITTER_COMM_FORCE_EXCHANGE=1, or set the attribute. Not an option: it changes
+        # nothing a user wants.
+        self._force_exchange = os.environ.get("TRITTER_COMM_FORCE_EXCHANGE") == "1"
+        # CUDA buckets: the DDP hook's codec work and collectives on a side stream of its own
+        # (hooks/ddp.py, "Streams"), so that they overlap the backward pass. Off unless
+        # TRITTER_COMM_SIDE_STREAM=1 (or the attribute is set before the first step) until a
+        # GPU run has compared it with the current stream (issue 16, item 2).
+        self._use_side_stream = os.environ.get("TRITTER_COMM_SIDE_STREAM") == "1"
         self.iter = 0
         self.residuals: dict[int, torch.Tensor] = {}
         self.server_residuals: dict[int, torch.Tensor] = {}
@@ -115,6 +129,7 @@ class VSAState:
         self._param_ids: dict[int, int] = {}
         # The FSDP hooks' per-backward bookkeeping (hooks/fsdp.py): None until used.
         self._fsdp = None
+        self._side_streams: dict = {}  # CUDA device index -> the DDP hook's side stream
         _teardown.track(self)
 
     @property
