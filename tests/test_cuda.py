@@ -169,8 +169,9 @@ def test_ddp_hook_on_cuda_side_stream_gives_the_same_bits_on_two_gloo_ranks():
 
 
 def test_exchange_with_nan_and_inf_on_cuda_matches_cpu_through_nccl():
-    # the non-finite flag on the device (issue 16): the poisoned bodies, the NaN outputs and
-    # the untouched residuals of the CPU path, bit for bit, with float32 and bf16 residuals
+    # the non-finite flag on the device (issue 16): the NaN outputs (NaN where the CPU's are,
+    # the NaNs' payload bits aside) and the untouched residuals of the CPU path, bit for bit,
+    # with float32 and bf16 residuals
     res = run(C.exchange_nonfinite_cpu_and_cuda, 1, backend=NCCL, timeout=300)[0]
     for rdt, r in res.items():
         assert r["nan_steps"] == [False, True, True, False], (rdt, r)

@@ -105,10 +105,11 @@ class VSAState:
         # nothing a user wants.
         self._force_exchange = os.environ.get("TRITTER_COMM_FORCE_EXCHANGE") == "1"
         # CUDA buckets: the DDP hook's codec work and collectives on a side stream of its own
-        # (hooks/ddp.py, "Streams"), so that they overlap the backward pass. Off unless
-        # TRITTER_COMM_SIDE_STREAM=1 (or the attribute is set before the first step) until a
-        # GPU run has compared it with the current stream (issue 16, item 2).
-        self._use_side_stream = os.environ.get("TRITTER_COMM_SIDE_STREAM") == "1"
+        # (hooks/ddp.py, "Streams"), so that they overlap the backward pass. On unless
+        # TRITTER_COMM_SIDE_STREAM=0 (or the attribute is set before the first step): on an
+        # H200 it gave the same bits as the current stream, through NCCL and on two gloo ranks,
+        # with no host sync (tests/test_cuda.py).
+        self._use_side_stream = os.environ.get("TRITTER_COMM_SIDE_STREAM", "1") != "0"
         self.iter = 0
         self.residuals: dict[int, torch.Tensor] = {}
         self.server_residuals: dict[int, torch.Tensor] = {}
