@@ -1,10 +1,12 @@
 """Convergence benchmark: eval loss vs bytes on the wire for each DDP comm mode, side by side.
 
-For every workload (``digits``, ``transformer``) and comm mode (``none``, ``fp16``, ``powersgd1``,
-``powersgd4``, ``vsa-ternary``, ``vsa-sign``, ``vsa-int2``) and seed, 2 ranks on gloo (CPU, one
+For every workload (``digits``, ``transformer``) and comm mode (``none``, ``bf16``, ``fp16``,
+``fp8-2phase``, ``int4-2phase``, ``powersgd1``, ``powersgd4``, ``vsa``, ``vsa-ternary``,
+``vsa-sign``, ``vsa-int2``: see ``benchmarks/comm.py``) and seed, 2 ranks on gloo (CPU, one
 thread each) train the same model on the same batches with AdamW for a fixed number of steps. Per
-mode it reports bytes per step per rank, the ratio to fp32 all-reduce, the final eval loss (mean of
-the seeds), its gap to ``none`` and the training wall time; it writes JSON (machine, versions,
+mode it reports bytes per step per rank, the ratio to fp32 all-reduce and to a bf16 all-reduce
+(the honest baseline: mixed-precision jobs reduce in bf16), the final eval loss (mean of the
+seeds), its gap to ``none`` and the training wall time; it writes JSON (machine, versions,
 settings, per-seed results and eval curves) and a PNG of the eval curves.
 
 Usage::
@@ -12,6 +14,7 @@ Usage::
     python benchmarks/convergence.py                      # full run, ~15 min on 2 cores
     python benchmarks/convergence.py --quick              # smoke test, about a minute
     python benchmarks/convergence.py --workloads transformer --modes none,fp16,vsa-int2 --seeds 0
+    python benchmarks/convergence.py --render benchmarks/results/convergence.json  # tables again
 
 Each (workload, mode) runs in fresh processes (so a crash or a hang costs one row, not the run):
 collectives time out after ``--collective-timeout`` seconds, and the parent kills a group that
@@ -299,6 +302,7 @@ def _summarize(task: Task, per_seed: dict[int, dict[int, dict[str, Any]]]) -> di
         "bytes_per_step_run_mean": seeds[0]["bytes_per_step_run_mean"],
         "fp32_bytes_per_step": seeds[0]["fp32_bytes_per_step"],
         "ratio_vs_fp32": seeds[0]["fp32_bytes_per_step"] / seeds[0]["bytes_per_step"],
+        "ratio_vs_bf16": ratio_vs_bf16(seeds[0]),
         "eval_loss_mean": statistics.fmean(losses),
         "eval_loss_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
         "wall_s_median": statistics.median(s["train_s"] for s in seeds),
@@ -317,6 +321,11 @@ def _fmt_bytes(b: float) -> str:
             return f"{b:.1f} {unit}" if unit != "B" else f"{b:.0f} B"
         b /= 1000
     raise AssertionError
+
+
+def ratio_vs_bf16(row: dict[str, Any]) -> float:
+    """Bytes of a bf16 ring all-reduce (half of fp32's) over the row's bytes per step."""
+    return row["fp32_bytes_per_step"] / 2 / row["bytes_per_step"]
 
 
 def add_gaps(rows: list[dict[str, Any]]) -> None:
@@ -350,6 +359,7 @@ def format_table(workload: str, rows: list[dict[str, Any]]) -> str:
     header = (
         "mode",
         "bytes/step/rank",
+        "vs bf16",
         "vs fp32",
         "eval loss (± sd)",
         "gap (seed range)",
@@ -372,6 +382,7 @@ def format_table(workload: str, rows: list[dict[str, Any]]) -> str:
                 (
                     r["mode"],
                     _fmt_bytes(r["bytes_per_step"]),
+                    f"{ratio_vs_bf16(r):.1f}x",
                     f"{r['ratio_vs_fp32']:.1f}x",
                     loss,
                     gap,
@@ -493,6 +504,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--quick", action="store_true", help=f"smoke test: {QUICK_STEPS} steps, seed 0 only"
     )
+    ap.add_argument(
+        "--render",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="print the tables of earlier runs' JSON files and exit (runs nothing)",
+    )
     ap.add_argument("--jobs", type=int, default=1, help="rows run side by side (default 1)")
     ap.add_argument("--world", type=int, default=2, help="ranks per run (default 2)")
     ap.add_argument("--size", default="small", choices=workloads.SIZES)
@@ -513,6 +531,15 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds without progress before a row is killed",
     )
     args = ap.parse_args(argv)
+    if args.render:
+        for path in args.render:
+            report = json.loads(path.read_text())
+            print(f"<!-- {path.name}: seeds {report['settings']['seeds']}, "
+                  f"steps {report['settings']['steps']} -->")
+            for name in dict.fromkeys(r["workload"] for r in report["results"]):
+                print(format_table(name, [r for r in report["results"] if r["workload"] == name]))
+                print()
+        return 0
     if args.out is None:
         args.out = QUICK_OUT if args.quick else DEFAULT_OUT
 
