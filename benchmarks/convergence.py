@@ -401,6 +401,21 @@ def format_table(workload: str, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def render(paths: list[Path]) -> str:
+    """One table per workload over the rows of all ``paths`` (runs of one protocol split over
+    several invocations: the gaps are against the ``none`` row, whichever file holds it)."""
+    results, lines = [], []
+    for path in paths:
+        report = json.loads(path.read_text())
+        st = report["settings"]
+        lines.append(f"<!-- {path.name}: seeds {st['seeds']}, steps {st['steps']}, "
+                     f"world {st['world']} -->")
+        results.extend(report["results"])
+    for name in dict.fromkeys(r["workload"] for r in results):
+        lines += ["", format_table(name, [r for r in results if r["workload"] == name])]
+    return "\n".join(lines)
+
+
 def _machine() -> dict[str, Any]:
     return _common.machine("sklearn")
 
@@ -509,7 +524,8 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         nargs="+",
         default=None,
-        help="print the tables of earlier runs' JSON files and exit (runs nothing)",
+        help="print the tables of earlier runs' JSON files (rows of all files merged per "
+        "workload) and exit (runs nothing)",
     )
     ap.add_argument("--jobs", type=int, default=1, help="rows run side by side (default 1)")
     ap.add_argument("--world", type=int, default=2, help="ranks per run (default 2)")
@@ -532,13 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     if args.render:
-        for path in args.render:
-            report = json.loads(path.read_text())
-            print(f"<!-- {path.name}: seeds {report['settings']['seeds']}, "
-                  f"steps {report['settings']['steps']} -->")
-            for name in dict.fromkeys(r["workload"] for r in report["results"]):
-                print(format_table(name, [r for r in report["results"] if r["workload"] == name]))
-                print()
+        print(render(args.render))
         return 0
     if args.out is None:
         args.out = QUICK_OUT if args.quick else DEFAULT_OUT
