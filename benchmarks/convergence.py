@@ -401,9 +401,38 @@ def format_table(workload: str, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def merge_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of one (workload, mode, steps) from several runs (seeds run apart) as one row."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        key = (r["workload"], r["mode"], r.get("steps"))
+        groups.setdefault(key, []).append(r)
+    merged = []
+    for parts in groups.values():
+        ok = [r for r in parts if "seeds" in r]
+        if len(ok) < 2:
+            merged.append(ok[0] if ok else parts[0])
+            continue
+        seeds = sorted((s for r in ok for s in r["seeds"]), key=lambda s: s["seed"])
+        if len({s["seed"] for s in seeds}) != len(seeds):
+            raise ValueError(f"seed run twice in row {parts[0]['mode']!r}")
+        row = dict(ok[0])
+        losses = [s["eval_loss"] for s in seeds]
+        row.update(
+            seeds=seeds,
+            eval_loss_mean=statistics.fmean(losses),
+            eval_loss_std=statistics.stdev(losses),
+            wall_s_median=statistics.median(s["train_s"] for s in seeds),
+            replicas_identical=all(r["replicas_identical"] for r in ok),
+        )
+        merged.append(row)
+    return merged
+
+
 def render(paths: list[Path]) -> str:
-    """One table per workload over the rows of all ``paths`` (runs of one protocol split over
-    several invocations: the gaps are against the ``none`` row, whichever file holds it)."""
+    """One table per workload over the rows of all ``paths``: runs of one protocol split over
+    several invocations (other rows, or other seeds of the same rows, which are merged). The
+    gaps are against the ``none`` row, whichever file holds it."""
     results, lines = [], []
     for path in paths:
         report = json.loads(path.read_text())
@@ -411,6 +440,7 @@ def render(paths: list[Path]) -> str:
         lines.append(f"<!-- {path.name}: seeds {st['seeds']}, steps {st['steps']}, "
                      f"world {st['world']} -->")
         results.extend(report["results"])
+    results = merge_rows(results)
     for name in dict.fromkeys(r["workload"] for r in results):
         lines += ["", format_table(name, [r for r in results if r["workload"] == name])]
     return "\n".join(lines)
