@@ -223,13 +223,14 @@ def _free_port() -> int:
 
 
 def run_ranks(
-    task: Any, train_one: Any, *, stall_timeout_s: float
+    task: Any, train_one: Any, *, stall_timeout_s: float, exit_timeout_s: float = 30.0
 ) -> tuple[dict[int, dict[int, dict[str, Any]]], str | None]:
     """Run ``train_one(rank, task, seed, q)`` for every seed of ``task`` (``world``, ``seeds``,
     ``collective_timeout_s``) on ``task.world`` fresh gloo processes; return the results by
     seed and rank, and the error if a rank failed, exited or stalled. ``train_one`` must be a
     module-level function (it is pickled into spawned processes); it may put ``("beat", rank)``
-    on ``q`` to show progress."""
+    on ``q`` to show progress. Once every rank has reported, each must exit within
+    ``exit_timeout_s`` seconds (all together) with code 0."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     init_method = f"tcp://127.0.0.1:{_free_port()}"
@@ -260,27 +261,36 @@ def run_ranks(
             received += 1
         elif msg[0] == "error":
             error = f"rank {msg[1]}:\n{msg[2]}"
+    deadline = time.monotonic() + (exit_timeout_s if error is None else 1)
     for p in procs:
-        p.join(timeout=30 if error is None else 1)
+        p.join(timeout=max(0.1, deadline - time.monotonic()))
     late = [i for i, p in enumerate(procs) if p.is_alive()]
     for i in late:
         procs[i].kill()
         procs[i].join(timeout=5)
     if error is None:  # every rank reported: each must also have exited cleanly (issue 14)
-        bad = [f"rank {i} " + ("did not exit within 30 s" if i in late else f"exit {p.exitcode}")
+        bad = [f"rank {i} " + (f"did not exit within {exit_timeout_s:.0f} s" if i in late else f"exit {p.exitcode}")
                for i, p in enumerate(procs) if i in late or p.exitcode != 0]
         if bad:
             error = "trained, then failed on the way out: " + ", ".join(bad)
     return per_seed, error
 
 
-def run_task(task: Task, *, stall_timeout_s: float, train_one: Any = None) -> dict[str, Any]:
+def run_task(task: Task, *, stall_timeout_s: float, train_one: Any = None,
+             exit_timeout_s: float = 30.0) -> dict[str, Any]:
     """Run one row in ``task.world`` fresh processes; return its results or its error.
-    ``train_one``: what each rank runs per seed (default: this module's DDP training)."""
-    per_seed, error = run_ranks(task, train_one or _train_one, stall_timeout_s=stall_timeout_s)
-    if error is not None:
+    ``train_one``: what each rank runs per seed (default: this module's DDP training).
+    A row whose ranks all reported but then failed to exit keeps its results, with the
+    failure in ``exit_error`` (listed under the table)."""
+    per_seed, error = run_ranks(task, train_one or _train_one, stall_timeout_s=stall_timeout_s,
+                                exit_timeout_s=exit_timeout_s)
+    complete = all(len(per_seed[s]) == task.world for s in task.seeds)
+    if error is not None and not (complete and error.startswith("trained, then failed")):
         return {"workload": task.workload, "mode": task.row, "error": error}
-    return _summarize(task, per_seed)
+    row = _summarize(task, per_seed)
+    if error is not None:
+        row["exit_error"] = error
+    return row
 
 
 def _summarize(task: Task, per_seed: dict[int, dict[int, dict[str, Any]]]) -> dict[str, Any]:
@@ -393,6 +403,8 @@ def format_table(workload: str, rows: list[dict[str, Any]]) -> str:
             + " |"
         )
     for r in rows:
+        if "exit_error" in r:
+            lines.append(f"\n{r['mode']}: results kept, but {r['exit_error']}")
         if "skipped" in r:
             lines.append(f"\nskipped {r['mode']}: {r['skipped']}")
         elif "error" in r:
@@ -402,7 +414,10 @@ def format_table(workload: str, rows: list[dict[str, Any]]) -> str:
 
 
 def merge_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows of one (workload, mode, steps) from several runs (seeds run apart) as one row."""
+    """Rows of one (workload, mode, steps) from several runs (seeds run apart) as one row. A
+    row that failed in one run and ran in another is shown from the run where it ran."""
+    ran = {(r["workload"], r["mode"]) for r in rows if "seeds" in r}
+    rows = [r for r in rows if "seeds" in r or (r["workload"], r["mode"]) not in ran]
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         key = (r["workload"], r["mode"], r.get("steps"))
@@ -440,7 +455,10 @@ def render(paths: list[Path]) -> str:
         lines.append(f"<!-- {path.name}: seeds {st['seeds']}, steps {st['steps']}, "
                      f"world {st['world']} -->")
         results.extend(report["results"])
-    results = merge_rows(results)
+    # rows in the order of comm.MODES (none first), whichever file held them
+    results = sorted(merge_rows(results),
+                     key=lambda r: comm.MODES.index(r["mode"].split(":")[0])
+                     if r["mode"].split(":")[0] in comm.MODES else len(comm.MODES))
     for name in dict.fromkeys(r["workload"] for r in results):
         lines += ["", format_table(name, [r for r in results if r["workload"] == name])]
     return "\n".join(lines)
@@ -576,6 +594,13 @@ def main(argv: list[str] | None = None) -> int:
         default=300.0,
         help="seconds without progress before a row is killed",
     )
+    ap.add_argument(
+        "--exit-timeout",
+        type=float,
+        default=30.0,
+        help="seconds the ranks of a row have to exit once they reported (a slow exit keeps "
+        "the row's results and is listed under the table)",
+    )
     args = ap.parse_args(argv)
     if args.render:
         print(render(args.render))
@@ -630,7 +655,8 @@ def main(argv: list[str] | None = None) -> int:
             collective_timeout_s=args.collective_timeout,
         )
         t0 = time.perf_counter()
-        row = run_task(task, stall_timeout_s=args.stall_timeout)
+        row = run_task(task, stall_timeout_s=args.stall_timeout,
+                       exit_timeout_s=args.exit_timeout)
         row["row_wall_s"] = time.perf_counter() - t0
         if "error" in row:
             print(
