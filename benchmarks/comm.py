@@ -136,8 +136,8 @@ def register(
         ddp_model: a ``DistributedDataParallel`` model, built with ``bucket_cap_mb_for(comm)``.
         comm: one of :data:`MODES`.
         process_group: the group to reduce over (None: the default group).
-        **kw: options for the hook state. fp8-2phase: ``row``; int4-2phase: ``block``. PowerSGD: ``start_iter``, ``min_compression_rate``,
-            ``seed``. VSA: passed to ``VSAState`` as keyword arguments (``seed``, ``block_size``,
+        **kw: options for the hook state. fp8-2phase: ``row``; int4-2phase: ``block``.
+            PowerSGD: ``start_iter``, ``min_compression_rate``, ``seed``. VSA: passed to ``VSAState`` as keyword arguments (``seed``, ``block_size``,
             ``start_iter``, ...).
 
     Raises:

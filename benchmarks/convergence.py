@@ -269,7 +269,8 @@ def run_ranks(
         procs[i].kill()
         procs[i].join(timeout=5)
     if error is None:  # every rank reported: each must also have exited cleanly (issue 14)
-        bad = [f"rank {i} " + (f"did not exit within {exit_timeout_s:.0f} s" if i in late else f"exit {p.exitcode}")
+        bad = [f"rank {i} " + (f"did not exit within {exit_timeout_s:.0f} s" if i in late
+                               else f"exit {p.exitcode}")
                for i, p in enumerate(procs) if i in late or p.exitcode != 0]
         if bad:
             error = "trained, then failed on the way out: " + ", ".join(bad)

@@ -45,7 +45,8 @@ class _Counting:
 
 def average(rank: int, world: int, mode: str, numel: int) -> dict:
     """One two-phase average of a per-rank random vector; the exact mean for comparison."""
-    xs = [torch.randn(numel, generator=torch.Generator().manual_seed(100 + r)) for r in range(world)]
+    xs = [torch.randn(numel, generator=torch.Generator().manual_seed(100 + r))
+          for r in range(world)]
     codec = comm._peer_codec(mode)
     with _Counting() as c:
         out = comm.two_phase_average(xs[rank], codec)
