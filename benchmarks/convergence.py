@@ -347,7 +347,10 @@ def add_gaps(rows: list[dict[str, Any]]) -> None:
         return
     base_loss = {s["seed"]: s["eval_loss"] for s in base["seeds"]}
     for r in ok:
-        r["gap_pct"] = 100 * (r["eval_loss_mean"] - base["eval_loss_mean"]) / base["eval_loss_mean"]
+        # against the baseline's mean over this row's seeds (rows may hold fewer seeds)
+        paired = [base_loss[s["seed"]] for s in r["seeds"] if s["seed"] in base_loss]
+        ref = statistics.fmean(paired) if paired else base["eval_loss_mean"]
+        r["gap_pct"] = 100 * (r["eval_loss_mean"] - ref) / ref
         r["gap_pct_per_seed"] = {
             s["seed"]: 100 * (s["eval_loss"] - base_loss[s["seed"]]) / base_loss[s["seed"]]
             for s in r["seeds"]
@@ -387,11 +390,14 @@ def format_table(workload: str, rows: list[dict[str, Any]]) -> str:
         loss = f"{r['eval_loss_mean']:.4f}"
         if len(r["seeds"]) > 1:
             loss += f" ± {r['eval_loss_std']:.4f}"
+        name = r["mode"]
+        if len(r["seeds"]) != n_seeds:
+            name += " (seed " + ", ".join(str(s["seed"]) for s in r["seeds"]) + ")"
         lines.append(
             "| "
             + " | ".join(
                 (
-                    r["mode"],
+                    name,
                     _fmt_bytes(r["bytes_per_step"]),
                     f"{ratio_vs_bf16(r):.1f}x",
                     f"{r['ratio_vs_fp32']:.1f}x",
