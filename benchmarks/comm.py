@@ -6,7 +6,13 @@ Used by the benchmarks to run the same training under different gradient exchang
 mode            what the exchange does
 ==============  ================================================================================
 none            DDP's own fp32 all-reduce (no hook)
+bf16            PyTorch's ``bf16_compress_hook`` (all-reduce in bf16): what mixed-precision jobs
+                run, so the honest baseline
 fp16            PyTorch's ``fp16_compress_hook`` (all-reduce in fp16)
+fp8-2phase      the torchft pattern: e4m3 with one fp32 scale per row of ``FP8_ROW`` elements,
+                all-to-all, fp32 sum, re-quantize, all-gather (see :class:`Fp8Rows`)
+int4-2phase     qgZ-like (ZeRO++): symmetric int4 with one fp32 scale per block of
+                ``INT4_BLOCK`` elements, the same two phases (see :class:`Int4Blocks`)
 powersgd1/4     PyTorch's ``powerSGD_hook``, matrix approximation rank 1 / 4, error feedback,
                 warm start; vanilla all-reduce for the first ``start_iter`` steps
 vsa             ``tritter_comm.hooks.vsa_hook`` with ``VSAState()``'s defaults (int2)
@@ -23,6 +29,17 @@ soon as the model has two or more buckets, so PowerSGD runs must build DDP with 
     ... train ...
     print(bytes_per_step(mode, ddp, state))
 
+The two peers (``fp8-2phase``, ``int4-2phase``) are written here from their published
+descriptions; no code was copied. Like tritter-comm's exchange, every rank decodes the same
+gathered bytes (the owner of a chunk too), so replicas stay bit-identical. They keep no error
+feedback (neither torchft's nor qgZ's description has one). Their hook runs both collectives
+synchronously inside DDP's hook call: right for convergence and bytes, but it does not overlap
+communication with the backward pass, so it understates their speed in a step-time benchmark.
+
+Bytes are counted the same way for every mode: what one rank hands to collectives for other
+ranks. A ring all-reduce of D elements of b bytes: ``2 (N-1)/N * D * b``; a two-phase exchange:
+``(N-1)`` chunk payloads (codes plus scales, padded chunk) in each phase.
+
 To add a mode: add its name to :data:`MODES`, a branch to :func:`register` and one to
 :func:`bytes_per_step`.
 """
@@ -31,24 +48,45 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
 __all__ = [
+    "FP8_ROW",
+    "INT4_BLOCK",
     "MODES",
+    "PEER_MODES",
     "VSA_MODES",
+    "Fp8Rows",
     "HookUnavailable",
+    "Int4Blocks",
+    "PeerState",
+    "peer_hook",
+    "two_phase_average",
     "bucket_cap_mb_for",
     "bytes_per_step",
     "fp32_allreduce_bytes",
     "register",
+    "two_phase_wire_bytes",
     "vsa_available",
     "vsa_options",
 ]
 
 VSA_MODES = {"vsa": None, "vsa-ternary": "ternary", "vsa-sign": "sign", "vsa-int2": "int2"}
 POWERSGD_RANKS = {"powersgd1": 1, "powersgd4": 4}
-MODES = ("none", "fp16", *POWERSGD_RANKS, *VSA_MODES)
+PEER_MODES = ("fp8-2phase", "int4-2phase")
+MODES = ("none", "bf16", "fp16", *PEER_MODES, *POWERSGD_RANKS, *VSA_MODES)
+HALF_HOOKS = {"bf16": "bf16_compress_hook", "fp16": "fp16_compress_hook"}
+
+# fp8-2phase: torchft quantizes 2-D tensors with one scale per row; a DDP bucket is flat, so it is
+# cut into rows of this many elements (our choice: about a hidden size, 0.8% of the bytes are
+# scales). int4-2phase: elements per scale block. ZeRO++ quantizes gradients blockwise with one
+# scale per block; 128 is the common int4 group size (GPTQ, AWQ), and a small block flatters the
+# peer's accuracy, not its bytes (6% of them are scales). We could not confirm the block size of
+# the ZeRO++ paper itself in this session.
+FP8_ROW = 512
+INT4_BLOCK = 128
 
 # PowerSGD: first steps with vanilla all-reduce (2 is the smallest value PyTorch accepts with error
 # feedback / warm start, because DDP rebuilds its buckets after the first step).
@@ -98,8 +136,8 @@ def register(
         ddp_model: a ``DistributedDataParallel`` model, built with ``bucket_cap_mb_for(comm)``.
         comm: one of :data:`MODES`.
         process_group: the group to reduce over (None: the default group).
-        **kw: options for the hook state. PowerSGD: ``start_iter``, ``min_compression_rate``,
-            ``seed``. VSA: passed to ``VSAState`` as keyword arguments (``seed``, ``block_size``,
+        **kw: options for the hook state. fp8-2phase: ``row``; int4-2phase: ``block``.
+            PowerSGD: ``start_iter``, ``min_compression_rate``, ``seed``. VSA: passed to ``VSAState`` as keyword arguments (``seed``, ``block_size``,
             ``start_iter``, ...).
 
     Raises:
@@ -111,13 +149,17 @@ def register(
         if kw:
             raise ValueError(f"mode 'none' takes no options, got {sorted(kw)}")
         return None
-    if comm == "fp16":
+    if comm in HALF_HOOKS:
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
         if kw:
-            raise ValueError(f"mode 'fp16' takes no options, got {sorted(kw)}")
-        ddp_model.register_comm_hook(process_group, default_hooks.fp16_compress_hook)
+            raise ValueError(f"mode {comm!r} takes no options, got {sorted(kw)}")
+        ddp_model.register_comm_hook(process_group, getattr(default_hooks, HALF_HOOKS[comm]))
         return process_group
+    if comm in PEER_MODES:
+        state = PeerState(_peer_codec(comm, **kw), process_group)
+        ddp_model.register_comm_hook(state, peer_hook)
+        return state
     if comm in POWERSGD_RANKS:
         from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
 
@@ -186,8 +228,9 @@ def bytes_per_step(
 ) -> float:
     """Bytes each rank sends per step under ``comm``.
 
-    Analytic (ring all-reduce, ``2 (N-1)/N`` times the payload) for none, fp16 and PowerSGD (the
-    steady state after ``start_iter``); measured from ``state.stats()`` for the VSA modes:
+    Analytic (ring all-reduce, ``2 (N-1)/N`` times the payload) for none, bf16, fp16 and PowerSGD
+    (the steady state after ``start_iter``); measured from ``state.stats()`` for the two-phase
+    peers and the VSA modes:
     ``bytes_sent / steps``, or the difference to ``since`` (an earlier ``stats()`` snapshot) to
     leave out warm-up steps.
     """
@@ -195,7 +238,7 @@ def bytes_per_step(
     world = _world(process_group)
     if comm == "none":
         return fp32_allreduce_bytes(ddp_model, process_group=process_group)
-    if comm == "fp16":
+    if comm in HALF_HOOKS:
         return fp32_allreduce_bytes(ddp_model, process_group=process_group) / 2
     if comm in POWERSGD_RANKS:
         min_rate = getattr(state, "min_compression_rate", POWERSGD_MIN_COMPRESSION_RATE)
@@ -211,6 +254,151 @@ def bytes_per_step(
     if steps <= 0:
         raise ValueError("no steps recorded by the hook state")
     return sent / steps
+
+
+# ------------------------------------------------------------------------------ two-phase peers
+
+
+class Fp8Rows:
+    """e4m3 codes with one fp32 scale per row of ``row`` elements (torchft's quantized
+    all-reduce): ``scale = max|row| / 448`` (448: the largest finite e4m3), codes
+    ``round(x / scale)`` to the nearest e4m3, saturated. Payload per row: ``row`` bytes of codes
+    then the scale's 4 bytes (all rows' codes first, then all scales)."""
+
+    E4M3_MAX = 448.0
+
+    def __init__(self, row: int = FP8_ROW):
+        self.group = row
+
+    def payload_bytes(self, numel: int) -> int:
+        return numel + 4 * (numel // self.group)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.view(-1, self.group)
+        amax = rows.abs().amax(dim=1, keepdim=True)
+        scale = torch.where(amax > 0, amax / self.E4M3_MAX, torch.ones_like(amax))
+        codes = (rows / scale).clamp_(-self.E4M3_MAX, self.E4M3_MAX).to(torch.float8_e4m3fn)
+        return torch.cat([codes.view(torch.uint8).reshape(-1), scale.reshape(-1).view(torch.uint8)])
+
+    def decode(self, buf: torch.Tensor, numel: int) -> torch.Tensor:
+        codes = buf[:numel].view(torch.float8_e4m3fn).float().view(-1, self.group)
+        scale = buf[numel:].view(torch.float32).view(-1, 1)
+        return (codes * scale).reshape(-1)
+
+
+class Int4Blocks:
+    """Symmetric int4 with one fp32 scale per block of ``block`` elements (qgZ's blockwise
+    gradient quantization): ``scale = max|block| / 7``, codes ``round(x / scale)`` in -7..7,
+    stored as ``code + 8`` two to a byte (low nibble first). Payload: all codes, then all
+    scales."""
+
+    def __init__(self, block: int = INT4_BLOCK):
+        if block % 2:
+            raise ValueError("int4 blocks pack two codes a byte: the block size must be even")
+        self.group = block
+
+    def payload_bytes(self, numel: int) -> int:
+        return numel // 2 + 4 * (numel // self.group)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = x.view(-1, self.group)
+        amax = blocks.abs().amax(dim=1, keepdim=True)
+        scale = torch.where(amax > 0, amax / 7, torch.ones_like(amax))
+        q = (blocks / scale).round_().clamp_(-7, 7)
+        u = (q + 8).to(torch.uint8).reshape(-1, 2)
+        packed = u[:, 0] | (u[:, 1] << 4)
+        return torch.cat([packed, scale.reshape(-1).view(torch.uint8)])
+
+    def decode(self, buf: torch.Tensor, numel: int) -> torch.Tensor:
+        packed = buf[: numel // 2]
+        codes = torch.stack([packed & 0xF, packed >> 4], dim=1).reshape(-1, self.group)
+        scale = buf[numel // 2:].view(torch.float32).view(-1, 1)
+        return ((codes.float() - 8) * scale).reshape(-1)
+
+
+def _peer_codec(comm: str, **kw: Any):
+    if comm == "fp8-2phase":
+        unknown = set(kw) - {"row"}
+        codec = Fp8Rows
+    else:
+        unknown = set(kw) - {"block"}
+        codec = Int4Blocks
+    if unknown:
+        raise ValueError(f"unknown {comm} options {sorted(unknown)}")
+    return codec(**kw)
+
+
+def _chunk_numel(numel: int, world: int, group: int) -> int:
+    """Elements per rank's chunk: whole scale groups, the tail zero-padded."""
+    groups = -(-numel // group)
+    return -(-groups // world) * group
+
+
+def two_phase_wire_bytes(numel: int, world: int, codec: Any) -> int:
+    """Bytes one rank sends in :func:`two_phase_average`: ``N-1`` payloads in each phase."""
+    return 2 * (world - 1) * codec.payload_bytes(_chunk_numel(numel, world, codec.group))
+
+
+def two_phase_average(x: torch.Tensor, codec: Any, *, group: Any = None) -> torch.Tensor:
+    """The average over ranks of flat ``x``, by the two-phase quantized exchange.
+
+    Every rank quantizes its N chunks and sends chunk c to rank c (``all_to_all``); rank c
+    decodes the N payloads (its own included), sums them in fp32 in rank order, divides by N and
+    re-quantizes; an ``all_gather`` of those payloads follows, and every rank decodes all of them.
+    The result is the same bytes decoded the same way on every rank. Synchronous."""
+    world = dist.get_world_size(group)
+    n = x.numel()
+    chunk = _chunk_numel(n, world, codec.group)
+    flat = torch.zeros(chunk * world, dtype=torch.float32, device=x.device)
+    flat[:n] = x.reshape(-1)
+    size = codec.payload_bytes(chunk)
+    send = torch.cat([codec.encode(c) for c in flat.view(world, chunk)])
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    total = torch.zeros(chunk, dtype=torch.float32, device=x.device)
+    for payload in recv.view(world, size):  # rank order: the same sum on every owner
+        total += codec.decode(payload, chunk)
+    mine = codec.encode(total.div_(world))
+    gathered = torch.empty(world * size, dtype=torch.uint8, device=x.device)
+    dist.all_gather_into_tensor(gathered, mine, group=group)
+    out = torch.cat([codec.decode(p, chunk) for p in gathered.view(world, size)])
+    return out[:n]
+
+
+class PeerState:
+    """State of :func:`peer_hook`: the codec, the group, and what was sent."""
+
+    __slots__ = (
+        # hyperparameters
+        "codec", "process_group",
+        # internal state
+        "_bytes_sent", "_steps",
+    )
+
+    def __init__(self, codec: Any, process_group: Any = None):
+        self.codec = codec
+        self.process_group = process_group
+        self._bytes_sent = 0
+        self._steps = 0
+
+    def stats(self) -> dict[str, int]:
+        """``bytes_sent`` (handed to collectives for other ranks) and ``steps`` so far."""
+        return {"bytes_sent": self._bytes_sent, "steps": self._steps}
+
+
+def peer_hook(state, bucket):  # no annotations: DDP checks them at run time
+    """DDP comm hook: :func:`two_phase_average` of the bucket, done before it returns."""
+    t = bucket.buffer()
+    x = t if t.dtype == torch.float32 else t.float()
+    avg = two_phase_average(x, state.codec, group=state.process_group)
+    state._bytes_sent += two_phase_wire_bytes(
+        x.numel(), dist.get_world_size(state.process_group), state.codec)
+    if bucket.is_last():
+        state._steps += 1
+    t.copy_(avg)
+    fut = torch.futures.Future()
+    fut.set_result(t)
+    return fut
 
 
 def _check(comm: str) -> None:

@@ -1,10 +1,12 @@
 """Convergence benchmark: eval loss vs bytes on the wire for each DDP comm mode, side by side.
 
-For every workload (``digits``, ``transformer``) and comm mode (``none``, ``fp16``, ``powersgd1``,
-``powersgd4``, ``vsa-ternary``, ``vsa-sign``, ``vsa-int2``) and seed, 2 ranks on gloo (CPU, one
+For every workload (``digits``, ``transformer``) and comm mode (``none``, ``bf16``, ``fp16``,
+``fp8-2phase``, ``int4-2phase``, ``powersgd1``, ``powersgd4``, ``vsa``, ``vsa-ternary``,
+``vsa-sign``, ``vsa-int2``: see ``benchmarks/comm.py``) and seed, 2 ranks on gloo (CPU, one
 thread each) train the same model on the same batches with AdamW for a fixed number of steps. Per
-mode it reports bytes per step per rank, the ratio to fp32 all-reduce, the final eval loss (mean of
-the seeds), its gap to ``none`` and the training wall time; it writes JSON (machine, versions,
+mode it reports bytes per step per rank, the ratio to fp32 all-reduce and to a bf16 all-reduce
+(the honest baseline: mixed-precision jobs reduce in bf16), the final eval loss (mean of the
+seeds), its gap to ``none`` and the training wall time; it writes JSON (machine, versions,
 settings, per-seed results and eval curves) and a PNG of the eval curves.
 
 Usage::
@@ -12,6 +14,7 @@ Usage::
     python benchmarks/convergence.py                      # full run, ~15 min on 2 cores
     python benchmarks/convergence.py --quick              # smoke test, about a minute
     python benchmarks/convergence.py --workloads transformer --modes none,fp16,vsa-int2 --seeds 0
+    python benchmarks/convergence.py --render benchmarks/results/convergence.json  # tables again
 
 Each (workload, mode) runs in fresh processes (so a crash or a hang costs one row, not the run):
 collectives time out after ``--collective-timeout`` seconds, and the parent kills a group that
@@ -220,13 +223,14 @@ def _free_port() -> int:
 
 
 def run_ranks(
-    task: Any, train_one: Any, *, stall_timeout_s: float
+    task: Any, train_one: Any, *, stall_timeout_s: float, exit_timeout_s: float = 30.0
 ) -> tuple[dict[int, dict[int, dict[str, Any]]], str | None]:
     """Run ``train_one(rank, task, seed, q)`` for every seed of ``task`` (``world``, ``seeds``,
     ``collective_timeout_s``) on ``task.world`` fresh gloo processes; return the results by
     seed and rank, and the error if a rank failed, exited or stalled. ``train_one`` must be a
     module-level function (it is pickled into spawned processes); it may put ``("beat", rank)``
-    on ``q`` to show progress."""
+    on ``q`` to show progress. Once every rank has reported, each must exit within
+    ``exit_timeout_s`` seconds (all together) with code 0."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     init_method = f"tcp://127.0.0.1:{_free_port()}"
@@ -257,27 +261,37 @@ def run_ranks(
             received += 1
         elif msg[0] == "error":
             error = f"rank {msg[1]}:\n{msg[2]}"
+    deadline = time.monotonic() + (exit_timeout_s if error is None else 1)
     for p in procs:
-        p.join(timeout=30 if error is None else 1)
+        p.join(timeout=max(0.1, deadline - time.monotonic()))
     late = [i for i, p in enumerate(procs) if p.is_alive()]
     for i in late:
         procs[i].kill()
         procs[i].join(timeout=5)
     if error is None:  # every rank reported: each must also have exited cleanly (issue 14)
-        bad = [f"rank {i} " + ("did not exit within 30 s" if i in late else f"exit {p.exitcode}")
+        bad = [f"rank {i} " + (f"did not exit within {exit_timeout_s:.0f} s" if i in late
+                               else f"exit {p.exitcode}")
                for i, p in enumerate(procs) if i in late or p.exitcode != 0]
         if bad:
             error = "trained, then failed on the way out: " + ", ".join(bad)
     return per_seed, error
 
 
-def run_task(task: Task, *, stall_timeout_s: float, train_one: Any = None) -> dict[str, Any]:
+def run_task(task: Task, *, stall_timeout_s: float, train_one: Any = None,
+             exit_timeout_s: float = 30.0) -> dict[str, Any]:
     """Run one row in ``task.world`` fresh processes; return its results or its error.
-    ``train_one``: what each rank runs per seed (default: this module's DDP training)."""
-    per_seed, error = run_ranks(task, train_one or _train_one, stall_timeout_s=stall_timeout_s)
-    if error is not None:
+    ``train_one``: what each rank runs per seed (default: this module's DDP training).
+    A row whose ranks all reported but then failed to exit keeps its results, with the
+    failure in ``exit_error`` (listed under the table)."""
+    per_seed, error = run_ranks(task, train_one or _train_one, stall_timeout_s=stall_timeout_s,
+                                exit_timeout_s=exit_timeout_s)
+    complete = all(len(per_seed[s]) == task.world for s in task.seeds)
+    if error is not None and not (complete and error.startswith("trained, then failed")):
         return {"workload": task.workload, "mode": task.row, "error": error}
-    return _summarize(task, per_seed)
+    row = _summarize(task, per_seed)
+    if error is not None:
+        row["exit_error"] = error
+    return row
 
 
 def _summarize(task: Task, per_seed: dict[int, dict[int, dict[str, Any]]]) -> dict[str, Any]:
@@ -299,6 +313,7 @@ def _summarize(task: Task, per_seed: dict[int, dict[int, dict[str, Any]]]) -> di
         "bytes_per_step_run_mean": seeds[0]["bytes_per_step_run_mean"],
         "fp32_bytes_per_step": seeds[0]["fp32_bytes_per_step"],
         "ratio_vs_fp32": seeds[0]["fp32_bytes_per_step"] / seeds[0]["bytes_per_step"],
+        "ratio_vs_bf16": ratio_vs_bf16(seeds[0]),
         "eval_loss_mean": statistics.fmean(losses),
         "eval_loss_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
         "wall_s_median": statistics.median(s["train_s"] for s in seeds),
@@ -319,6 +334,11 @@ def _fmt_bytes(b: float) -> str:
     raise AssertionError
 
 
+def ratio_vs_bf16(row: dict[str, Any]) -> float:
+    """Bytes of a bf16 ring all-reduce (half of fp32's) over the row's bytes per step."""
+    return row["fp32_bytes_per_step"] / 2 / row["bytes_per_step"]
+
+
 def add_gaps(rows: list[dict[str, Any]]) -> None:
     """Set ``gap_pct`` (mean eval loss vs the ``none`` row, in %) and the per-seed paired gaps."""
     ok = [r for r in rows if "seeds" in r]
@@ -327,7 +347,10 @@ def add_gaps(rows: list[dict[str, Any]]) -> None:
         return
     base_loss = {s["seed"]: s["eval_loss"] for s in base["seeds"]}
     for r in ok:
-        r["gap_pct"] = 100 * (r["eval_loss_mean"] - base["eval_loss_mean"]) / base["eval_loss_mean"]
+        # against the baseline's mean over this row's seeds (rows may hold fewer seeds)
+        paired = [base_loss[s["seed"]] for s in r["seeds"] if s["seed"] in base_loss]
+        ref = statistics.fmean(paired) if paired else base["eval_loss_mean"]
+        r["gap_pct"] = 100 * (r["eval_loss_mean"] - ref) / ref
         r["gap_pct_per_seed"] = {
             s["seed"]: 100 * (s["eval_loss"] - base_loss[s["seed"]]) / base_loss[s["seed"]]
             for s in r["seeds"]
@@ -350,6 +373,7 @@ def format_table(workload: str, rows: list[dict[str, Any]]) -> str:
     header = (
         "mode",
         "bytes/step/rank",
+        "vs bf16",
         "vs fp32",
         "eval loss (± sd)",
         "gap (seed range)",
@@ -366,12 +390,16 @@ def format_table(workload: str, rows: list[dict[str, Any]]) -> str:
         loss = f"{r['eval_loss_mean']:.4f}"
         if len(r["seeds"]) > 1:
             loss += f" ± {r['eval_loss_std']:.4f}"
+        name = r["mode"]
+        if len(r["seeds"]) != n_seeds:
+            name += " (seed " + ", ".join(str(s["seed"]) for s in r["seeds"]) + ")"
         lines.append(
             "| "
             + " | ".join(
                 (
-                    r["mode"],
+                    name,
                     _fmt_bytes(r["bytes_per_step"]),
+                    f"{ratio_vs_bf16(r):.1f}x",
                     f"{r['ratio_vs_fp32']:.1f}x",
                     loss,
                     gap,
@@ -382,11 +410,64 @@ def format_table(workload: str, rows: list[dict[str, Any]]) -> str:
             + " |"
         )
     for r in rows:
+        if "exit_error" in r:
+            lines.append(f"\n{r['mode']}: results kept, but {r['exit_error']}")
         if "skipped" in r:
             lines.append(f"\nskipped {r['mode']}: {r['skipped']}")
         elif "error" in r:
             first = r["error"].strip().splitlines()
             lines.append(f"\nFAILED {r['mode']}: {first[-1] if first else '?'}")
+    return "\n".join(lines)
+
+
+def merge_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of one (workload, mode, steps) from several runs (seeds run apart) as one row. A
+    row that failed in one run and ran in another is shown from the run where it ran."""
+    ran = {(r["workload"], r["mode"]) for r in rows if "seeds" in r}
+    rows = [r for r in rows if "seeds" in r or (r["workload"], r["mode"]) not in ran]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        key = (r["workload"], r["mode"], r.get("steps"))
+        groups.setdefault(key, []).append(r)
+    merged = []
+    for parts in groups.values():
+        ok = [r for r in parts if "seeds" in r]
+        if len(ok) < 2:
+            merged.append(ok[0] if ok else parts[0])
+            continue
+        seeds = sorted((s for r in ok for s in r["seeds"]), key=lambda s: s["seed"])
+        if len({s["seed"] for s in seeds}) != len(seeds):
+            raise ValueError(f"seed run twice in row {parts[0]['mode']!r}")
+        row = dict(ok[0])
+        losses = [s["eval_loss"] for s in seeds]
+        row.update(
+            seeds=seeds,
+            eval_loss_mean=statistics.fmean(losses),
+            eval_loss_std=statistics.stdev(losses),
+            wall_s_median=statistics.median(s["train_s"] for s in seeds),
+            replicas_identical=all(r["replicas_identical"] for r in ok),
+        )
+        merged.append(row)
+    return merged
+
+
+def render(paths: list[Path]) -> str:
+    """One table per workload over the rows of all ``paths``: runs of one protocol split over
+    several invocations (other rows, or other seeds of the same rows, which are merged). The
+    gaps are against the ``none`` row, whichever file holds it."""
+    results, lines = [], []
+    for path in paths:
+        report = json.loads(path.read_text())
+        st = report["settings"]
+        lines.append(f"<!-- {path.name}: seeds {st['seeds']}, steps {st['steps']}, "
+                     f"world {st['world']} -->")
+        results.extend(report["results"])
+    # rows in the order of comm.MODES (none first), whichever file held them
+    results = sorted(merge_rows(results),
+                     key=lambda r: comm.MODES.index(r["mode"].split(":")[0])
+                     if r["mode"].split(":")[0] in comm.MODES else len(comm.MODES))
+    for name in dict.fromkeys(r["workload"] for r in results):
+        lines += ["", format_table(name, [r for r in results if r["workload"] == name])]
     return "\n".join(lines)
 
 
@@ -493,6 +574,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--quick", action="store_true", help=f"smoke test: {QUICK_STEPS} steps, seed 0 only"
     )
+    ap.add_argument(
+        "--render",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="print the tables of earlier runs' JSON files (rows of all files merged per "
+        "workload) and exit (runs nothing)",
+    )
     ap.add_argument("--jobs", type=int, default=1, help="rows run side by side (default 1)")
     ap.add_argument("--world", type=int, default=2, help="ranks per run (default 2)")
     ap.add_argument("--size", default="small", choices=workloads.SIZES)
@@ -512,7 +601,17 @@ def main(argv: list[str] | None = None) -> int:
         default=300.0,
         help="seconds without progress before a row is killed",
     )
+    ap.add_argument(
+        "--exit-timeout",
+        type=float,
+        default=30.0,
+        help="seconds the ranks of a row have to exit once they reported (a slow exit keeps "
+        "the row's results and is listed under the table)",
+    )
     args = ap.parse_args(argv)
+    if args.render:
+        print(render(args.render))
+        return 0
     if args.out is None:
         args.out = QUICK_OUT if args.quick else DEFAULT_OUT
 
@@ -563,7 +662,8 @@ def main(argv: list[str] | None = None) -> int:
             collective_timeout_s=args.collective_timeout,
         )
         t0 = time.perf_counter()
-        row = run_task(task, stall_timeout_s=args.stall_timeout)
+        row = run_task(task, stall_timeout_s=args.stall_timeout,
+                       exit_timeout_s=args.exit_timeout)
         row["row_wall_s"] = time.perf_counter() - t0
         if "error" in row:
             print(
