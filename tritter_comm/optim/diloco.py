@@ -44,7 +44,6 @@ runs) was 20+ points worse than plain averaging at H = 10.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any, Optional
 
@@ -194,7 +193,8 @@ class DiLoCo:
                              "parameters (build it from model.parameters())")
         devices = {p.device for p in params}
         if len(devices) != 1:
-            raise ValueError(f"all parameters must be on one device, found {sorted(map(str, devices))}")
+            raise ValueError("all parameters must be on one device, found "
+                             f"{sorted(map(str, devices))}")
         if not all(p.is_floating_point() for p in params):
             raise ValueError("all trainable parameters must be floating point")
         self._device = devices.pop()
@@ -267,12 +267,13 @@ class DiLoCo:
         """Every rank must sync the same fragments with the same exchange: one all_gather."""
         world, _ = self._rank_world()
         row = self._settings_row()
-        n = torch.tensor([len(row)], dtype=torch.int64)
-        sizes = torch.empty(world, dtype=torch.int64)
+        dev = self._device  # NCCL needs CUDA tensors
+        n = torch.tensor([len(row)], dtype=torch.int64, device=dev)
+        sizes = torch.empty(world, dtype=torch.int64, device=dev)
         dist.all_gather_into_tensor(sizes, n, group=self.process_group)
         width = int(sizes.max())
-        mine = torch.tensor(row + [0] * (width - len(row)), dtype=torch.int64)
-        rows = torch.empty(world * width, dtype=torch.int64)
+        mine = torch.tensor(row + [0] * (width - len(row)), dtype=torch.int64, device=dev)
+        rows = torch.empty(world * width, dtype=torch.int64, device=dev)
         dist.all_gather_into_tensor(rows, mine, group=self.process_group)
         rows = rows.view(world, width).tolist()
         if any(r != rows[0] for r in rows) or len(set(sizes.tolist())) != 1:
