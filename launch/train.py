@@ -8,6 +8,7 @@ data-parallel over every rank torchrun starts, with the gradient exchange chosen
     torchrun ... launch/train.py --comm vsa --comm-config launch/tritter_comm.yaml
     torchrun ... launch/train.py --checkpoint-dir ckpt --checkpoint-every 100   # then --resume
     torchrun ... launch/train.py --phase     # predicted steps skip the backward pass (DDP)
+    torchrun ... launch/train.py --diloco 30 # DiLoCo: H local steps, then a compressed sync
     bash launch/torchrun.sh ...     # the same, with one- and multi-node launch arguments
 
 CPU ranks use gloo, GPU ranks NCCL (--device). Checkpoints hold the model and optimizer
@@ -78,6 +79,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--phase-warmup", type=int, default=None,
                    help="--phase: real steps before the first prediction (default: "
                    "PhaseOptimizer's, 100)")
+    g.add_argument("--diloco", type=int, default=None, metavar="H",
+                   help="DiLoCo (tritter_comm.optim.DiLoCo): no DDP; each rank takes H AdamW "
+                   "steps on its own data, then the replicas are averaged (--comm vsa: with the "
+                   "compressed exchange; --comm none: fp32 all-reduce) and an outer step runs")
+    g.add_argument("--diloco-fragments", type=int, default=1, metavar="F",
+                   help="--diloco: streaming, one of F parameter fragments syncs every H/F steps")
+    g.add_argument("--outer-lr", type=float, default=None,
+                   help="--diloco: outer learning rate (default: DiLoCo's, 1.0)")
+    g.add_argument("--outer-momentum", type=float, default=None,
+                   help="--diloco: outer Nesterov momentum (default: DiLoCo's, 0)")
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=300)
     g.add_argument("--size", choices=tuple(SIZES), default="small",
@@ -112,6 +123,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--resume auto needs --checkpoint-dir")
     if args.steps < 1:
         p.error("--steps must be >= 1")
+    if args.diloco is None:
+        for flag in ("diloco_fragments", "outer_lr", "outer_momentum"):
+            if getattr(args, flag) != p.get_default(flag):
+                p.error(f"--{flag.replace('_', '-')} applies to --diloco")
+    else:
+        if args.diloco < 1:
+            p.error("--diloco H needs H >= 1")
+        if args.fsdp != "none" or args.phase:
+            p.error("--diloco trains a plain module (no DDP, FSDP or --phase): drop --fsdp and "
+                    "--phase")
+        if args.comm not in ("none", "vsa"):
+            p.error("--diloco averages with --comm vsa (compressed) or none (fp32)")
     return args
 
 
@@ -171,6 +194,8 @@ def comm_config(args) -> VSAConfig:
 def wrap(model, args, device):
     """The model wrapped for data parallelism, with the chosen exchange; (model, hook state)."""
     state = None
+    if args.diloco is not None:  # no wrapper: DiLoCo (make_diloco) averages every H steps
+        return model, None
     if args.fsdp == "none":
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         if args.comm == "fp16":
@@ -207,6 +232,15 @@ def wrap(model, args, device):
     return model, state
 
 
+def make_diloco(model, opt, args):
+    from tritter_comm.optim import DiLoCo
+
+    kw = {k: v for k, v in (("outer_lr", args.outer_lr), ("outer_momentum", args.outer_momentum))
+          if v is not None}
+    return DiLoCo(model, opt, sync_every=args.diloco, fragments=args.diloco_fragments,
+                  config=comm_config(args) if args.comm == "vsa" else None, **kw)
+
+
 # --------------------------------------------------------------------------------- checkpoints
 
 
@@ -230,12 +264,16 @@ def load_hook_state(state, saved) -> None:
 
 
 def save_checkpoint(root: Path, step: int, model, opt, sched, state, rank: int,
-                    phase=None) -> Path:
+                    phase=None, diloco=None) -> Path:
     path = root / f"step_{step}"
     model_sd, optim_sd = get_state_dict(model, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / "dcp"))
+    # DiLoCo: between syncs every rank's parameters and inner optimizer are its own, and the
+    # replicated dcp checkpoint keeps one copy; each rank's go in its own file
     torch.save({"hook": hook_state_dict(state),
-                "phase": phase.state_dict() if phase is not None else None},
+                "phase": phase.state_dict() if phase is not None else None,
+                "diloco": None if diloco is None else {"model": model.state_dict(),
+                                                       "opt": diloco.state_dict()}},
                path / f"comm_rank{rank}.pt")
     if rank == 0:
         torch.save({"step": step, "sched": sched.state_dict(),
@@ -246,7 +284,8 @@ def save_checkpoint(root: Path, step: int, model, opt, sched, state, rank: int,
     return path
 
 
-def load_checkpoint(path: Path, model, opt, sched, state, rank: int, phase=None) -> int:
+def load_checkpoint(path: Path, model, opt, sched, state, rank: int, phase=None,
+                    diloco=None) -> int:
     train_state = torch.load(path / "train_state.pt", weights_only=True)
     if train_state["world_size"] != dist.get_world_size():
         raise SystemExit(f"{path} was saved by {train_state['world_size']} ranks; this job has "
@@ -262,6 +301,11 @@ def load_checkpoint(path: Path, model, opt, sched, state, rank: int, phase=None)
         if saved.get("phase") is None:
             raise SystemExit(f"{path} was saved without --phase")
         phase.load_state_dict(saved["phase"])
+    if diloco is not None:
+        if saved.get("diloco") is None:
+            raise SystemExit(f"{path} was saved without --diloco")
+        model.load_state_dict(saved["diloco"]["model"])
+        diloco.load_state_dict(saved["diloco"]["opt"])
     return int(train_state["step"])
 
 
@@ -293,7 +337,10 @@ def eval_loss(model, data: TextData, device) -> float:
 
 
 def bytes_sent(args, state, numel: int, world: int, steps: int) -> float:
-    """Bytes this rank sent: measured by the VSA hook, else the ring all-reduce formula."""
+    """Bytes this rank sent: measured by DiLoCo or the VSA hook, else the ring all-reduce
+    formula."""
+    if args.diloco is not None:
+        return state.stats()["bytes_sent"]
     if isinstance(state, tritter_comm.VSAState):
         return state.stats()["bytes_sent"]
     per = 2 * (world - 1) / world * numel * 4
@@ -328,21 +375,25 @@ def main(argv=None) -> int:
 
             kw = {} if args.phase_warmup is None else {"warmup_steps": args.phase_warmup}
             phase = PhaseOptimizer(opt, **kw)  # steps `opt`; checkpoints keep saving `opt` too
+        diloco = None
+        if args.diloco is not None:
+            diloco = make_diloco(model, opt, args)  # steps `opt`, syncs every H
         log = print if rank == 0 else (lambda *a, **k: None)
         what = args.comm if args.comm != "vsa" else f"vsa ({comm_config(args).describe()})"
+        how = ("DDP" if args.fsdp == "none" else args.fsdp.upper()) if diloco is None else diloco
         log(f"{world} rank(s) on {device.type}, {numel:,} parameters, "
-            f"{'DDP' if args.fsdp == 'none' else args.fsdp.upper()}, exchange: {what}", flush=True)
+            f"{how}, exchange: {what}", flush=True)
 
         start = 0
         resume = resolve_resume(args)
         if resume is not None:
-            start = load_checkpoint(resume, model, opt, sched, state, rank, phase)
+            start = load_checkpoint(resume, model, opt, sched, state, rank, phase, diloco)
             log(f"resumed from {resume} at step {start}", flush=True)
         ckpt_root = Path(args.checkpoint_dir) if args.checkpoint_dir else None
         if ckpt_root is not None and rank == 0:
             ckpt_root.mkdir(parents=True, exist_ok=True)
 
-        t0, sent0 = time.perf_counter(), bytes_sent(args, state, numel, world, start)
+        t0, sent0 = time.perf_counter(), bytes_sent(args, diloco or state, numel, world, start)
         last_eval = None
         last_loss = float("nan")
         for step in range(start, args.steps):
@@ -357,14 +408,16 @@ def main(argv=None) -> int:
             if step + 1 == args.fail_at_step and rank == world - 1 and first_attempt():
                 print(f"rank {rank}: --fail-at-step {args.fail_at_step}: SIGKILL", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
-            if phase is None:
+            if diloco is not None:
+                diloco.step()
+            elif phase is None:
                 opt.step()
             else:
                 phase.step(loss=last_loss if loss is not None else None)
             sched.step()
             done = step + 1
             if done % args.log_every == 0 or done == args.steps:
-                sent = bytes_sent(args, state, numel, world, done) - sent0
+                sent = bytes_sent(args, diloco or state, numel, world, done) - sent0
                 log(f"step {done:>5}/{args.steps}  loss {last_loss:.4f}  "
                     f"lr {sched.get_last_lr()[0]:.2e}  sent {sent / 1e6:8.2f} MB/rank  "
                     f"{(time.perf_counter() - t0) / (done - start):.3f} s/step", flush=True)
@@ -374,16 +427,18 @@ def main(argv=None) -> int:
             if ckpt_root is not None and (
                     (args.checkpoint_every and done % args.checkpoint_every == 0)
                     or done == args.steps):
-                path = save_checkpoint(ckpt_root, done, model, opt, sched, state, rank, phase)
+                path = save_checkpoint(ckpt_root, done, model, opt, sched, state, rank, phase,
+                                       diloco)
                 log(f"step {done:>5}  checkpoint {path}", flush=True)
 
         digest = params_digest(model)
         hooked = isinstance(state, tritter_comm.VSAState)
         summary = {"steps": args.steps, "start": start, "world": world, "comm": args.comm,
                    "fsdp": args.fsdp, "eval_loss": last_eval, "params_sha256": digest,
-                   "bytes_sent_per_rank": bytes_sent(args, state, numel, world, args.steps)
-                   - sent0,
+                   "bytes_sent_per_rank": bytes_sent(args, diloco or state, numel, world,
+                                                     args.steps) - sent0,
                    "hook_stats": state.stats() if hooked else None,
+                   "diloco_stats": diloco.stats() if diloco is not None else None,
                    "phase_stats": phase.stats() if phase is not None else None}
         if rank == 0 and args.summary_json:
             Path(args.summary_json).write_text(json.dumps(summary, indent=1))

@@ -1,11 +1,16 @@
-"""Optimizer wrappers: phase-based training that skips backward passes and exchanges.
+"""Optimizer wrappers that skip exchanges: phase-based training (fewer backward passes and
+exchanges) and DiLoCo (one averaged outer step every H local steps).
 
     from tritter_comm.optim import PhaseOptimizer
     opt = PhaseOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3))
 
-See :mod:`tritter_comm.optim.phase` for the training-loop pattern (and the DDP one).
+    from tritter_comm.optim import DiLoCo
+    opt = DiLoCo(model, torch.optim.AdamW(model.parameters(), lr=1e-3), sync_every=30)
+
+See :mod:`tritter_comm.optim.phase` and :mod:`tritter_comm.optim.diloco` for the training loops.
 """
 
+from .diloco import DiLoCo
 from .phase import Phase, PhaseOptimizer
 
-__all__ = ["Phase", "PhaseOptimizer"]
+__all__ = ["DiLoCo", "Phase", "PhaseOptimizer"]
