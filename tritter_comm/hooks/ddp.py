@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..codec import MODES, block_log2
+from .. import node_exchange
 from ..exchange import MAX_BUCKETS, MAX_WORLD, Exchange, Plan
 from . import _auto
 from .state import VSAState
@@ -110,7 +111,9 @@ class _Entry:
 
 def _allreduce_op(state: VSAState, t: torch.Tensor, world: int) -> _Op:
     """Launch the plain all-reduce of ``t`` (averaged once it is finished)."""
-    state._bytes_sent += 2 * (world - 1) * t.numel() * t.element_size() // world
+    intra, inter = node_exchange.plain_split(
+        state, 2 * (world - 1) * t.numel() * t.element_size() // world, world)
+    node_exchange.account(state, intra=intra, inter=inter)
     state._buckets_plain += 1
     work = dist.all_reduce(t, group=state.process_group, async_op=True)
     return _Op(t, state._calls, work=work, world=world)
@@ -160,6 +163,10 @@ def _exchange_op(state: VSAState, x: torch.Tensor, key: int, world: int) -> _Op:
     """Encode ``x`` (flat float32) and launch phase 1 of its compressed exchange."""
     if key >= MAX_BUCKETS or world > MAX_WORLD:
         raise ValueError(f"tritter-comm supports {MAX_BUCKETS} buckets and {MAX_WORLD} ranks")
+    node = node_exchange.launch(state, x, key, world, block_log2=block_log2(state.block_size),
+                                mode_id=MODES[state.mode], mode2_id=MODES[state.phase2_mode])
+    if node is not None:  # intra_node_size > 1: compress only across nodes
+        return _Op(x, state._calls, ex=node)
     rank = dist.get_rank(state.process_group)
     plan = Plan.make(x.numel(), world, block_log2(state.block_size), MODES[state.mode],
                      MODES[state.phase2_mode])
@@ -168,7 +175,7 @@ def _exchange_op(state: VSAState, x: torch.Tensor, key: int, world: int) -> _Op:
     res = (state._residual(state.residuals, key, x.numel(), x.device)
            if state.error_feedback else None)
     ex.start(x, res)
-    state._bytes_sent += plan.wire_bytes
+    node_exchange.account(state, intra=0, inter=plan.wire_bytes)
     state._buckets_compressed += 1
     return _Op(x, state._calls, ex=ex)
 
