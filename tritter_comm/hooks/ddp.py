@@ -235,15 +235,22 @@ def _advance(state: VSAState, *, drain: bool) -> None:
     everything if ``drain``. On an error every bucket in flight fails and is let go."""
     now = state._calls
     try:
-        for entry in state._pending:
-            for op in entry.ops:
-                if op.ex is not None and op.ex.reducing and (drain or op.launched < now):
-                    lo, hi = op.ex.plan.bounds(op.ex.rank)
-                    sres = (state._residual(state.server_residuals, op.ex.key, hi - lo,
-                                            op.x.device)
-                            if state.server_error_feedback and hi > lo else None)
-                    op.ex.reduce(sres)
-                    op.launched = now
+        # Draining, an exchange with more steps than two (node_exchange.py) takes them in
+        # step with the others, each round launching the next collective of every bucket,
+        # rather than one bucket after the other.
+        stepped = True
+        while stepped:
+            stepped = False
+            for entry in state._pending:
+                for op in entry.ops:
+                    if op.ex is not None and op.ex.reducing and (drain or op.launched < now):
+                        lo, hi = op.ex.plan.bounds(op.ex.rank)
+                        sres = (state._residual(state.server_residuals, op.ex.key, hi - lo,
+                                                op.x.device)
+                                if state.server_error_feedback and hi > lo else None)
+                        op.ex.reduce(sres)
+                        op.launched = now
+                        stepped = drain
         while state._pending and (drain or all(op.launched < now
                                                for op in state._pending[0].ops)):
             entry = state._pending[0]
