@@ -158,8 +158,6 @@ def _rank_mode(spec: dict, label: str, rank: int) -> dict[str, Any]:
     mine["digest"] = hashlib.sha256(flat.numpy().tobytes()).hexdigest()
     every: list = [None] * WORLD
     dist.all_gather_object(every, mine)
-    del ddp, state, opt, w
-    gc.collect()
     t = spec["timed"]
     per_step = [max(e["times"][i] for e in every) for i in range(t)]
     nodes = [every[n * NODE: (n + 1) * NODE] for n in range(WORLD // NODE)]
@@ -192,6 +190,7 @@ def rank_main(spec_path: str) -> int:
     try:
         for label in spec["modes"]:
             row = _rank_mode(spec, label, rank)
+            gc.collect()  # the mode's model, DDP and hook state, before the next is built
             if rank == 0:
                 with open(spec["results"], "a") as f:
                     f.write(json.dumps(row) + "\n")
