@@ -65,7 +65,7 @@ from tritter_comm import VSAConfig, VSAState  # noqa: E402
 def _non_defaults():
     return dict(mode="ternary", phase2_mode="int2", block_size=256, seed=2**64 - 1, start_iter=7,
                 min_compress_numel=3, error_feedback=False, server_error_feedback=False,
-                fixed_keys=True, auto=True, residual_dtype="bfloat16")
+                fixed_keys=True, auto=True, residual_dtype="bfloat16", intra_node_size=2)
 
 
 def test_every_field_round_trips_spec_config_row_config():

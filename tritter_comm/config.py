@@ -100,6 +100,12 @@ class VSAConfig:
     residual_dtype: str = _opt("float32", "`\"bfloat16\"` halves the residuals' memory (they "
                                "take as much as the fp32 gradients, plus 1/N for the server's); "
                                "ranks may differ here", agreed=False)
+    intra_node_size: Optional[int] = _opt(None, "ranks a node (ranks `n*L .. n*L+L-1` share a fast "
+                                          "link): reduce plainly inside the node and compress only "
+                                          "across nodes (docs/USAGE.md, \"Node-aware exchange\"); "
+                                          "1: the flat exchange; None: torchrun's "
+                                          "`LOCAL_WORLD_SIZE` where the job spans several nodes, "
+                                          "else 1")
 
     def __post_init__(self) -> None:
         mode_id(self.mode)
@@ -122,6 +128,11 @@ class VSAConfig:
         for f in dataclasses.fields(self):
             if f.type in (bool, "bool"):
                 object.__setattr__(self, f.name, _flag(f.name, getattr(self, f.name)))
+        if self.intra_node_size is not None and (
+                not isinstance(self.intra_node_size, int) or isinstance(self.intra_node_size, bool)
+                or self.intra_node_size < 1):
+            raise ValueError(f"intra_node_size must be a positive int (the ranks on each node) or "
+                             f"None (from LOCAL_WORLD_SIZE), got {self.intra_node_size!r}")
         if self.residual_dtype not in RESIDUAL_DTYPES:
             raise ValueError(f"residual_dtype must be one of {list(RESIDUAL_DTYPES)}, "
                              f"got {self.residual_dtype!r}")
@@ -162,6 +173,8 @@ class VSAConfig:
                 out.append(MODES[v])
             elif f.name == "seed":
                 out += [v & 0x7FFFFFFF_FFFFFFFF, v >> 63]
+            elif v is None:  # intra_node_size: from the environment (the state rows resolve it)
+                out.append(0)
             else:
                 out.append(int(v))
         return out
@@ -179,6 +192,8 @@ class VSAConfig:
                 i += 1
             elif f.type in (bool, "bool"):
                 values[f.name] = bool(row[i])
+            elif f.name == "intra_node_size":
+                values[f.name] = row[i] or None
             else:
                 values[f.name] = row[i]
             i += 1

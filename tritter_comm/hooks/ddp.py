@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..codec import MODES, block_log2
+from .. import node_exchange
 from ..exchange import MAX_BUCKETS, MAX_WORLD, Exchange, Plan
 from . import _auto
 from .state import VSAState
@@ -111,7 +112,9 @@ class _Entry:
 
 def _allreduce_op(state: VSAState, t: torch.Tensor, world: int) -> _Op:
     """Launch the plain all-reduce of ``t`` (averaged once it is finished)."""
-    state._bytes_sent += 2 * (world - 1) * t.numel() * t.element_size() // world
+    intra, inter = node_exchange.plain_split(
+        state, 2 * (world - 1) * t.numel() * t.element_size() // world, world)
+    node_exchange.account(state, intra=intra, inter=inter)
     state._buckets_plain += 1
     work = dist.all_reduce(t, group=state.process_group, async_op=True)
     return _Op(t, state._calls, work=work, world=world)
@@ -161,6 +164,10 @@ def _exchange_op(state: VSAState, x: torch.Tensor, key: int, world: int) -> _Op:
     """Encode ``x`` (flat float32) and launch phase 1 of its compressed exchange."""
     if key >= MAX_BUCKETS or world > MAX_WORLD:
         raise ValueError(f"tritter-comm supports {MAX_BUCKETS} buckets and {MAX_WORLD} ranks")
+    node = node_exchange.launch(state, x, key, world, block_log2=block_log2(state.block_size),
+                                mode_id=MODES[state.mode], mode2_id=MODES[state.phase2_mode])
+    if node is not None:  # intra_node_size > 1: compress only across nodes
+        return _Op(x, state._calls, ex=node)
     rank = dist.get_rank(state.process_group)
     plan = Plan.make(x.numel(), world, block_log2(state.block_size), MODES[state.mode],
                      MODES[state.phase2_mode])
@@ -169,7 +176,7 @@ def _exchange_op(state: VSAState, x: torch.Tensor, key: int, world: int) -> _Op:
     res = (state._residual(state.residuals, key, x.numel(), x.device)
            if state.error_feedback else None)
     ex.start(x, res)
-    state._bytes_sent += plan.wire_bytes
+    node_exchange.account(state, intra=0, inter=plan.wire_bytes)
     state._buckets_compressed += 1
     return _Op(x, state._calls, ex=ex)
 
@@ -229,15 +236,22 @@ def _advance(state: VSAState, *, drain: bool) -> None:
     everything if ``drain``. On an error every bucket in flight fails and is let go."""
     now = state._calls
     try:
-        for entry in state._pending:
-            for op in entry.ops:
-                if op.ex is not None and op.ex.reducing and (drain or op.launched < now):
-                    lo, hi = op.ex.plan.bounds(op.ex.rank)
-                    sres = (state._residual(state.server_residuals, op.ex.key, hi - lo,
-                                            op.x.device)
-                            if state.server_error_feedback and hi > lo else None)
-                    op.ex.reduce(sres)
-                    op.launched = now
+        # Draining, an exchange with more steps than two (node_exchange.py) takes them in
+        # step with the others, each round launching the next collective of every bucket,
+        # rather than one bucket after the other.
+        stepped = True
+        while stepped:
+            stepped = False
+            for entry in state._pending:
+                for op in entry.ops:
+                    if op.ex is not None and op.ex.reducing and (drain or op.launched < now):
+                        lo, hi = op.ex.plan.bounds(op.ex.rank)
+                        sres = (state._residual(state.server_residuals, op.ex.key, hi - lo,
+                                                op.x.device)
+                                if state.server_error_feedback and hi > lo else None)
+                        op.ex.reduce(sres)
+                        op.launched = now
+                        stepped = drain
         while state._pending and (drain or all(op.launched < now
                                                for op in state._pending[0].ops)):
             entry = state._pending[0]

@@ -18,6 +18,7 @@ from .. import _teardown
 from ..codec import FORMAT_VERSION, PACKAGE_VERSION
 from ..config import VSAConfig, field_names
 from ..exchange import Timers
+from .. import node_exchange
 from . import _auto
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ class VSAState:
         "_timers",
         "_bytes_sent",
         "_bytes_uncompressed",
+        "_bytes_intra",  # of _bytes_sent, those sent inside the node (node_exchange.py)
+        "_nodes",  # id(process group) -> node_exchange.Topology (its groups, made once)
         "_steps",
         "_buckets_compressed",
         "_buckets_plain",
@@ -96,6 +99,9 @@ class VSAState:
             del options["block_size"]
         self.process_group = process_group
         self.config = config.replace(**options) if options else config
+        if (self.config.intra_node_size is not None and process_group is None
+                and dist.is_available() and dist.is_initialized()):
+            node_exchange.check(self.config.intra_node_size, dist.get_world_size())  # early
         self._auto = _auto.AutoChoice() if self.config.auto else None
         # the groups whose ranks were found to agree on the configuration (by id)
         self._config_checked: set[Optional[int]] = set()
@@ -119,6 +125,8 @@ class VSAState:
         self._timers = Timers()
         self._bytes_sent = 0
         self._bytes_uncompressed = 0
+        self._bytes_intra = 0
+        self._nodes: dict = {}
         self._steps = 0
         self._buckets_compressed = 0
         self._buckets_plain = 0
@@ -140,8 +148,10 @@ class VSAState:
 
     # -- configuration -----------------------------------------------------------------------
 
-    def _config_row(self) -> list[int]:
-        row = [FORMAT_VERSION, _version_number(), *self.config.row()]
+    def _config_row(self, world: int = 1, group: Any = None) -> list[int]:
+        # intra_node_size as resolved on this rank (LOCAL_WORLD_SIZE may differ between nodes)
+        size = node_exchange.node_size(self.config.intra_node_size, world, group)
+        row = [FORMAT_VERSION, _version_number(), *self.config.replace(intra_node_size=size).row()]
         # A fixed length, so that versions with more fields still gather rows of one size and
         # fail with the message below (package_version differs), not in the collective.
         return row + [0] * (_CONFIG_ROW_LEN - len(row))
@@ -153,7 +163,7 @@ class VSAState:
         if gid in self._config_checked:
             return
         world = dist.get_world_size(group)
-        mine = torch.tensor(self._config_row(), dtype=torch.int64, device=device)
+        mine = torch.tensor(self._config_row(world, group), dtype=torch.int64, device=device)
         rows = torch.empty(world * mine.numel(), dtype=torch.int64, device=device)
         dist.all_gather_into_tensor(rows, mine, group=group)
         values = [{"format_version": row[0], "package_version": row[1],
@@ -169,6 +179,9 @@ class VSAState:
                 "VSAState with the same settings and the same tritter-comm version. Differences: "
                 + "; ".join(diffs)
             )
+        # the same value on every rank now: a bad one raises on every rank alike
+        node_exchange.check(node_exchange.node_size(self.config.intra_node_size, world, group),
+                            world)
         self._config_checked.add(gid)
 
     # -- teardown ----------------------------------------------------------------------------
@@ -198,13 +211,17 @@ class VSAState:
 
         ``bytes_sent``: bytes this rank handed to collectives for other ranks (ring formula
         for all-reduce); ``bytes_uncompressed``: what fp32 ring all-reduce of the same buckets
-        would send.
+        would send. ``bytes_sent_inter_node`` and ``bytes_sent_intra_node`` split
+        ``bytes_sent`` by link (``intra_node_size``; a plain all-reduce by the ring formula, in
+        which one link a node leaves it); with one rank a node every byte is inter-node.
         """
         return {
             "steps": self._steps,
             "iter": self.iter,
             "bytes_sent": self._bytes_sent,
             "bytes_uncompressed": self._bytes_uncompressed,
+            "bytes_sent_inter_node": self._bytes_sent - self._bytes_intra,
+            "bytes_sent_intra_node": self._bytes_intra,
             "compression_ratio": (self._bytes_uncompressed / self._bytes_sent
                                   if self._bytes_sent else 1.0),
             "buckets_compressed": self._buckets_compressed,
@@ -246,7 +263,8 @@ class VSAState:
                 f"got version {state.get('version') if isinstance(state, dict) else state!r}"
             )
         # checkpoints from before `auto` and `residual_dtype` existed
-        saved = {"auto": False, "residual_dtype": "float32", **state["config"]}
+        saved = {"auto": False, "residual_dtype": "float32", "intra_node_size": None,
+                 **state["config"]}
         saved.setdefault("phase2_mode", saved.get("mode"))  # one mode for both phases then
         diff = {k: (v, saved.get(k)) for k, v in self.config.to_dict().items()
                 if saved.get(k) != v}
