@@ -216,6 +216,64 @@ def _model_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str
                              if isinstance(v, torch.Tensor) and v.dim() > 0)}
 
 
+def _train_rows(rank: int, task: convergence.Task, seed: int, q: Any) -> dict[str, Any]:
+    """Every row of ``task.hook_options["rows"]`` in turn, in the same ranks (``--one-spawn``:
+    on a loaded machine spawning and importing cost more than these trainings). After each row
+    rank 0 appends every rank's result to ``task.hook_options["partial"]`` (JSON lines)."""
+    out = {}
+    for spec, api, mode, options in task.hook_options["rows"]:
+        sub = replace(task, mode=mode if api is None else f"{api}-{mode}", hook_options=options,
+                      label=spec)
+        fn = _train_one if api else convergence._train_one
+        r = fn(rank, sub, seed, q)
+        q.put(("beat", rank))
+        gathered: list[Any] = [None] * task.world
+        dist.all_gather_object(gathered, r)
+        if rank == 0:
+            with open(task.hook_options["partial"], "a") as f:
+                f.write(json.dumps({"spec": spec, "api": api, "seed": seed,
+                                    "ranks": gathered}) + "\n")
+        out[spec] = r
+    return {"seed": seed, "rows": out}
+
+
+def _one_spawn(specs: dict, workload: str, seeds: tuple, steps: int, args: Any) -> list[dict]:
+    partial = Path(f"{args.out or DEFAULT_OUT}.{workload}.partial.jsonl")
+    partial.unlink(missing_ok=True)
+    rows_arg = [(spec, api, mode, options) for spec, (api, mode, options) in specs.items()]
+    task = convergence.Task(workload=workload, mode="rows", label="rows", seeds=seeds,
+                            steps=steps, world=args.world, size=args.size,
+                            collective_timeout_s=args.collective_timeout,
+                            eval_points=args.eval_points,
+                            hook_options={"rows": rows_arg, "partial": str(partial)})
+    t0 = time.perf_counter()
+    _, error = convergence.run_ranks(task, _train_rows, stall_timeout_s=args.stall_timeout)
+    if error:
+        print(f"[{workload}] one-spawn run: {error}", flush=True)
+    per_row: dict[str, dict[int, dict[int, Any]]] = {}
+    if partial.exists():
+        for line in partial.read_text().splitlines():
+            d = json.loads(line)
+            per_row.setdefault(d["spec"], {})[d["seed"]] = dict(enumerate(d["ranks"]))
+    rows = []
+    for spec, api, mode, options in rows_arg:
+        done = per_row.get(spec, {})
+        if set(done) != set(seeds):
+            rows.append({"workload": workload, "mode": spec,
+                         "error": f"not finished ({error or 'no result'})"})
+            continue
+        sub = replace(task, mode=mode if api is None else f"{api}-{mode}", hook_options=options,
+                      label=spec)
+        row = convergence._summarize(sub, done)
+        for s in row["seeds"]:  # JSON made the eval curves lists of lists
+            s["eval_curve"] = [tuple(p) for p in s.get("eval_curve", [])]
+        row["fsdp_api"] = api
+        row["row_wall_s"] = sum(done[s][0]["train_s"] for s in seeds)
+        rows.append(row)
+    print(f"[{workload}] one spawn: {time.perf_counter() - t0:.0f} s", flush=True)
+    return rows
+
+
 # ------------------------------------------------------------------------------------- reporting
 
 #: The projection's model: 7B parameters, fp32 gradients.
@@ -323,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None,
                     help=f"JSON path (default {DEFAULT_OUT.relative_to(_ROOT)})")
     ap.add_argument("--collective-timeout", type=float, default=120.0)
+    ap.add_argument("--one-spawn", action="store_true",
+                    help="run every row in one set of ranks (a loaded machine)")
+    ap.add_argument("--eval-points", type=int, default=10)
     ap.add_argument("--stall-timeout", type=float, default=300.0)
     args = ap.parse_args(argv)
     out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
@@ -347,6 +408,11 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     for workload in convergence._csv(args.workloads):
         wrows = []
+        if args.one_spawn:
+            wrows = _one_spawn(specs, workload, seeds, steps, args)
+            tables.append(format_table(workload, wrows, args.world, args.baseline))
+            rows += wrows
+            continue
         for spec, (api, mode, options) in specs.items():
             if mode in comm.VSA_MODES and not vsa_ok:
                 wrows.append({"workload": workload, "mode": spec,
