@@ -171,7 +171,8 @@ def _train_one(rank: int, task: convergence.Task, seed: int, q: Any) -> dict[str
             curve.append((task.steps, ev))
     dist.barrier()
     out: dict[str, Any] = {"seed": seed, "rank": rank, "train_s": train_s,
-                           "param_sha256": _digest(full), "fsdp_api": api}
+                           "param_sha256": _digest(full), "fsdp_api": api,
+                           "numel": numel}  # workload_info counts FSDP1's shard
     if rank == 0:
         fp32 = (task.world - 1) / task.world * numel * 4  # an fp32 reduce-scatter
         if state is None:
@@ -239,7 +240,8 @@ def _train_rows(rank: int, task: convergence.Task, seed: int, q: Any) -> dict[st
 
 def _one_spawn(specs: dict, workload: str, seeds: tuple, steps: int, args: Any) -> list[dict]:
     partial = Path(f"{args.out or DEFAULT_OUT}.{workload}.partial.jsonl")
-    partial.unlink(missing_ok=True)
+    if not args.from_partial:
+        partial.unlink(missing_ok=True)
     rows_arg = [(spec, api, mode, options) for spec, (api, mode, options) in specs.items()]
     task = convergence.Task(workload=workload, mode="rows", label="rows", seeds=seeds,
                             steps=steps, world=args.world, size=args.size,
@@ -247,7 +249,9 @@ def _one_spawn(specs: dict, workload: str, seeds: tuple, steps: int, args: Any) 
                             eval_points=args.eval_points,
                             hook_options={"rows": rows_arg, "partial": str(partial)})
     t0 = time.perf_counter()
-    _, error = convergence.run_ranks(task, _train_rows, stall_timeout_s=args.stall_timeout)
+    error = None
+    if not args.from_partial:  # else: the rows a run (killed, or still going) has written
+        _, error = convergence.run_ranks(task, _train_rows, stall_timeout_s=args.stall_timeout)
     if error:
         print(f"[{workload}] one-spawn run: {error}", flush=True)
     per_row: dict[str, dict[int, dict[int, Any]]] = {}
@@ -296,8 +300,8 @@ def _residual_form(row: dict[str, Any]) -> str:
 def _memory(row: dict[str, Any], world: int) -> tuple[float, float, float]:
     """(hook bytes a rank, its fraction of the rank's fp32 gradient shard, the model's own
     bytes a rank: parameters + gradients + optimizer state)."""
-    n = row["workload_info"]["params"]
     s0 = row["seeds"][0]
+    n = s0.get("numel", row["workload_info"]["params"])
     hook = s0.get("state_bytes", s0.get("hook_stats", {}).get("state_bytes", 0))
     shard = 4 * n / (world if row.get("fsdp_api") else 1)  # DDP: the whole fp32 gradient
     # fp32 parameters, gradients and AdamW's two moments: 16 bytes a parameter, 1/N of them a
@@ -306,19 +310,36 @@ def _memory(row: dict[str, Any], world: int) -> tuple[float, float, float]:
     return hook, hook / shard, model_b
 
 
+def _vs_fp32_residual(r: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """Gap minus the gap of the same API and mode with float32 residuals, in points."""
+    form = _residual_form(r)
+    if form in ("-", "float32") or "gap_pct" not in r:
+        return ""
+    refs = [x for x in rows if x.get("fsdp_api") == r.get("fsdp_api")
+            and _residual_form(x) == "float32" and "gap_pct" in x]
+    refs.sort(key=lambda x: x.get("comm") != r.get("comm"))  # the same mode first
+    ref = refs[0] if refs else None
+    if ref is None:
+        return ""
+    # same bytes on the wire?
+    same = abs(ref["bytes_per_step"] - r["bytes_per_step"]) < 1
+    return f"{r['gap_pct'] - ref['gap_pct']:+.2f} pt" + ("" if same else " (other bytes)")
+
+
 def format_table(workload: str, rows: list[dict[str, Any]], world: int, baseline: str) -> str:
     ok = [r for r in rows if "seeds" in r]
     lines = []
     base = next((r for r in ok if r["mode"] == baseline), None)
     if ok:
-        info = ok[0]["workload_info"]
-        lines += [f"### {workload}: {info['params']:,} params, {world} ranks, {ok[0]['steps']} "
+        n = ok[0]["seeds"][0].get("numel", ok[0]["workload_info"]["params"])
+        lines += [f"### {workload}: {n:,} params, {world} ranks, {ok[0]['steps']} "
                   f"steps, {len(ok[0]['seeds'])} seed(s); gap vs {baseline}", ""]
     header = ("row", "residual", "bytes/step/rank", "vs fp32", "eval loss", "gap (seeds)",
-              "hook mem/rank", "x fp32 grad shard", "model mem/rank", "replicas")
+              "vs fp32 residual", "hook mem/rank", "x fp32 grad shard", "model mem/rank", "replicas")
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join(["---", "---"] + ["---:"] * (len(header) - 3) + [":---:"]) + "|")
-    for r in ok:
+    gaps = {}
+    for r in ok:  # every gap first: a row is compared with another's
         gap = "n/a"
         if base is not None:
             bl = {s["seed"]: s["eval_loss"] for s in base["seeds"]}
@@ -329,6 +350,9 @@ def format_table(workload: str, rows: list[dict[str, Any]], world: int, baseline
             gap = f"{r['gap_pct']:+.2f}%"
             if len(per) > 1:
                 gap += f" ({min(per):+.1f}..{max(per):+.1f})"
+        gaps[id(r)] = gap
+    for r in ok:
+        gap = gaps[id(r)]
         hook, frac, model_b = _memory(r, world)
         r["hook_bytes_per_rank"], r["hook_fraction_of_shard"] = hook, frac
         r["model_bytes_per_rank"] = model_b
@@ -337,7 +361,7 @@ def format_table(workload: str, rows: list[dict[str, Any]], world: int, baseline
             f"{r['ratio_vs_fp32']:.1f}x",
             f"{r['eval_loss_mean']:.4f}" + (f" ± {r['eval_loss_std']:.4f}"
                                             if len(r["seeds"]) > 1 else ""),
-            gap, convergence._fmt_bytes(hook), f"{frac:.2f}x", convergence._fmt_bytes(model_b),
+            gap, _vs_fp32_residual(r, ok), convergence._fmt_bytes(hook), f"{frac:.2f}x", convergence._fmt_bytes(model_b),
             "identical" if r["replicas_identical"] else "DIFFER")) + " |")
     for r in rows:
         if "skipped" in r:
@@ -384,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--one-spawn", action="store_true",
                     help="run every row in one set of ranks (a loaded machine)")
     ap.add_argument("--eval-points", type=int, default=10)
+    ap.add_argument("--from-partial", action="store_true",
+                    help="with --one-spawn: train nothing, tabulate the rows that the run with "
+                         "the same --out has written so far")
     ap.add_argument("--stall-timeout", type=float, default=300.0)
     args = ap.parse_args(argv)
     out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
