@@ -21,11 +21,22 @@ hook's ``stats()`` over the second half of training), against which "vs fp32" is
 parameter all-gathers are the same in every FSDP row and not counted. The eval loss is computed on
 rank 0 from the gathered full model; "replicas" compares the gathered model across ranks.
 
+Issue 19 (the memory of error feedback): rows take hook options, e.g.
+``fsdp1-vsa-ternary:residual_dtype=int4`` or ``:error_feedback=False``; every table shows the hook
+state's memory a rank (``stats()["state_bytes"]``) against the rank's fp32 gradient shard and the
+model's own memory a rank, the gap against the same API's fp32-residual row, and a projection for
+a 7B model (arithmetic). ``--workloads transformer,digits`` (digits: one FSDP unit, the MLP);
+``--baseline fsdp1-none`` measures gaps against uncompressed FSDP. On a loaded machine
+``--one-spawn`` runs every row in one set of ranks and appends each finished row to
+``<out>.<workload>.partial.jsonl``; ``--from-partial`` tabulates what a run has written so far.
+
 Usage::
 
     python benchmarks/convergence_fsdp.py                 # 3 seeds x 300 steps
     python benchmarks/convergence_fsdp.py --quick         # smoke test
     python benchmarks/convergence_fsdp.py --modes none,fsdp2-none,fsdp2-vsa-int2 --seeds 0
+    python benchmarks/convergence_fsdp.py --one-spawn --workloads digits --baseline fsdp1-none \
+        --modes fsdp1-none,fsdp1-vsa-ternary,fsdp1-vsa-ternary:residual_dtype=int4
 """
 
 from __future__ import annotations
@@ -335,7 +346,8 @@ def format_table(workload: str, rows: list[dict[str, Any]], world: int, baseline
         lines += [f"### {workload}: {n:,} params, {world} ranks, {ok[0]['steps']} "
                   f"steps, {len(ok[0]['seeds'])} seed(s); gap vs {baseline}", ""]
     header = ("row", "residual", "bytes/step/rank", "vs fp32", "eval loss", "gap (seeds)",
-              "vs fp32 residual", "hook mem/rank", "x fp32 grad shard", "model mem/rank", "replicas")
+              "vs fp32 residual", "hook mem/rank", "x fp32 grad shard", "model mem/rank",
+              "replicas")
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join(["---", "---"] + ["---:"] * (len(header) - 3) + [":---:"]) + "|")
     gaps = {}
@@ -361,7 +373,8 @@ def format_table(workload: str, rows: list[dict[str, Any]], world: int, baseline
             f"{r['ratio_vs_fp32']:.1f}x",
             f"{r['eval_loss_mean']:.4f}" + (f" ± {r['eval_loss_std']:.4f}"
                                             if len(r["seeds"]) > 1 else ""),
-            gap, _vs_fp32_residual(r, ok), convergence._fmt_bytes(hook), f"{frac:.2f}x", convergence._fmt_bytes(model_b),
+            gap, _vs_fp32_residual(r, ok), convergence._fmt_bytes(hook), f"{frac:.2f}x",
+            convergence._fmt_bytes(model_b),
             "identical" if r["replicas_identical"] else "DIFFER")) + " |")
     for r in rows:
         if "skipped" in r:
@@ -461,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"[{workload}] {spec}: eval {row['eval_loss_mean']:.4f}, "
                       f"bytes {row['ratio_vs_fp32']:.1f}x below fp32, "
-                      f"hook {row['seeds'][0].get('state_bytes', row['seeds'][0].get('hook_stats', {}).get('state_bytes', 0))} B, "
+                      f"hook {_memory(row, args.world)[0]:.0f} B, "
                       f"{row['row_wall_s']:.0f} s", flush=True)
             wrows.append(row)
         tables.append(format_table(workload, wrows, args.world, args.baseline))

@@ -5,7 +5,6 @@ codes with one f32 scale per 64 elements (``residual_dtype``), their memory in
 import pytest
 import torch
 
-import _fsdp_workers as W
 import _residual_workers as R
 import tritter_comm
 import tritter_comm.fsdp
@@ -33,7 +32,8 @@ def test_quantized_residual_round_trip(fmt, tol, n, segment):
     assert torch.equal(r[0:min(seg, n)].to(torch.float32), y[:min(seg, n)])
     # a checkpoint restores the same codes: the same values, exactly
     assert torch.equal(res.from_state(res.to_state(r)).dequantize(), y)
-    assert r.nbytes == res.nbytes(r) == r.codes.numel() * r.codes.element_size() + 4 * r.scales.numel()
+    codes = r.codes.numel() * r.codes.element_size()
+    assert r.nbytes == res.nbytes(r) == codes + 4 * r.scales.numel()
 
 
 def test_quantized_residual_bytes():
@@ -121,7 +121,7 @@ def test_fsdp_narrow_residual_resumes_exactly(fmt, tmp_path):
             assert saved["format"] == fmt and saved["codes"].dtype in (torch.int8, torch.uint8)
 
 
-# -- DDP ---------------------------------------------------------------------------------------------
+# -- DDP ------------------------------------------------------------------------------------------
 
 
 def test_ddp_int4_residual_is_under_a_quarter_of_the_gradient():
