@@ -21,11 +21,22 @@ hook's ``stats()`` over the second half of training), against which "vs fp32" is
 parameter all-gathers are the same in every FSDP row and not counted. The eval loss is computed on
 rank 0 from the gathered full model; "replicas" compares the gathered model across ranks.
 
+Issue 19 (the memory of error feedback): rows take hook options, e.g.
+``fsdp1-vsa-ternary:residual_dtype=int4`` or ``:error_feedback=False``; every table shows the hook
+state's memory a rank (``stats()["state_bytes"]``) against the rank's fp32 gradient shard and the
+model's own memory a rank, the gap against the same API's fp32-residual row, and a projection for
+a 7B model (arithmetic). ``--workloads transformer,digits`` (digits: one FSDP unit, the MLP);
+``--baseline fsdp1-none`` measures gaps against uncompressed FSDP. On a loaded machine
+``--one-spawn`` runs every row in one set of ranks and appends each finished row to
+``<out>.<workload>.partial.jsonl``; ``--from-partial`` tabulates what a run has written so far.
+
 Usage::
 
     python benchmarks/convergence_fsdp.py                 # 3 seeds x 300 steps
     python benchmarks/convergence_fsdp.py --quick         # smoke test
     python benchmarks/convergence_fsdp.py --modes none,fsdp2-none,fsdp2-vsa-int2 --seeds 0
+    python benchmarks/convergence_fsdp.py --one-spawn --workloads digits --baseline fsdp1-none \
+        --modes fsdp1-none,fsdp1-vsa-ternary,fsdp1-vsa-ternary:residual_dtype=int4
 """
 
 from __future__ import annotations
@@ -71,14 +82,20 @@ def parse_mode(spec: str) -> tuple[str | None, str, dict[str, Any]]:
 # ------------------------------------------------------------------------------------ one rank
 
 
+def _units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The FSDP units below the root: the transformer's blocks; none for the digits MLP (one
+    unit, the whole model: its layers alone are below ``min_compress_numel``)."""
+    return list(getattr(model, "blocks", []))
+
+
 def _wrap(api: str, model: torch.nn.Module, world: int) -> torch.nn.Module:
-    blocks = list(model.blocks)
+    blocks = _units(model)
     if api == "fsdp1":
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-        return FSDP(model, device_id=torch.device("cpu"),
-                    auto_wrap_policy=ModuleWrapPolicy({type(blocks[0])}))
+        policy = ModuleWrapPolicy({type(blocks[0])}) if blocks else None
+        return FSDP(model, device_id=torch.device("cpu"), auto_wrap_policy=policy)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -165,7 +182,8 @@ def _train_one(rank: int, task: convergence.Task, seed: int, q: Any) -> dict[str
             curve.append((task.steps, ev))
     dist.barrier()
     out: dict[str, Any] = {"seed": seed, "rank": rank, "train_s": train_s,
-                           "param_sha256": _digest(full), "fsdp_api": api}
+                           "param_sha256": _digest(full), "fsdp_api": api,
+                           "numel": numel}  # workload_info counts FSDP1's shard
     if rank == 0:
         fp32 = (task.world - 1) / task.world * numel * 4  # an fp32 reduce-scatter
         if state is None:
@@ -187,7 +205,198 @@ def _train_one(rank: int, task: convergence.Task, seed: int, q: Any) -> dict[str
         if state is not None:
             out["hook_stats"] = {k: v for k, v in state.stats().items()
                                  if isinstance(v, (int, float, str, bool))}
+    # every rank: its hook memory (residuals, however stored) and its share of the model's own
+    out["state_bytes"] = 0 if state is None else state.stats()["state_bytes"]
+    out["model_bytes"] = _model_bytes(model, opt)
     return out
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _model_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, int]:
+    """This rank's bytes of parameters, gradients and optimizer state (its shards under FSDP;
+    FSDP1's padding included)."""
+    def nb(t):
+        t = _local(t)
+        return t.numel() * t.element_size()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return {"params": sum(nb(p) for p in params),
+            "grads": sum(nb(p.grad) for p in params if p.grad is not None),
+            "optimizer": sum(nb(v) for st in opt.state.values() for v in st.values()
+                             if isinstance(v, torch.Tensor) and v.dim() > 0)}
+
+
+def _train_rows(rank: int, task: convergence.Task, seed: int, q: Any) -> dict[str, Any]:
+    """Every row of ``task.hook_options["rows"]`` in turn, in the same ranks (``--one-spawn``:
+    on a loaded machine spawning and importing cost more than these trainings). After each row
+    rank 0 appends every rank's result to ``task.hook_options["partial"]`` (JSON lines)."""
+    out = {}
+    for spec, api, mode, options in task.hook_options["rows"]:
+        sub = replace(task, mode=mode if api is None else f"{api}-{mode}", hook_options=options,
+                      label=spec)
+        fn = _train_one if api else convergence._train_one
+        r = fn(rank, sub, seed, q)
+        q.put(("beat", rank))
+        gathered: list[Any] = [None] * task.world
+        dist.all_gather_object(gathered, r)
+        if rank == 0:
+            with open(task.hook_options["partial"], "a") as f:
+                f.write(json.dumps({"spec": spec, "api": api, "seed": seed,
+                                    "ranks": gathered}) + "\n")
+        out[spec] = r
+    return {"seed": seed, "rows": out}
+
+
+def _one_spawn(specs: dict, workload: str, seeds: tuple, steps: int, args: Any) -> list[dict]:
+    partial = Path(f"{args.out or DEFAULT_OUT}.{workload}.partial.jsonl")
+    if not args.from_partial:
+        partial.unlink(missing_ok=True)
+    rows_arg = [(spec, api, mode, options) for spec, (api, mode, options) in specs.items()]
+    task = convergence.Task(workload=workload, mode="rows", label="rows", seeds=seeds,
+                            steps=steps, world=args.world, size=args.size,
+                            collective_timeout_s=args.collective_timeout,
+                            eval_points=args.eval_points,
+                            hook_options={"rows": rows_arg, "partial": str(partial)})
+    t0 = time.perf_counter()
+    error = None
+    if not args.from_partial:  # else: the rows a run (killed, or still going) has written
+        _, error = convergence.run_ranks(task, _train_rows, stall_timeout_s=args.stall_timeout)
+    if error:
+        print(f"[{workload}] one-spawn run: {error}", flush=True)
+    per_row: dict[str, dict[int, dict[int, Any]]] = {}
+    if partial.exists():
+        for line in partial.read_text().splitlines():
+            d = json.loads(line)
+            per_row.setdefault(d["spec"], {})[d["seed"]] = dict(enumerate(d["ranks"]))
+    rows = []
+    for spec, api, mode, options in rows_arg:
+        done = per_row.get(spec, {})
+        if set(done) != set(seeds):
+            rows.append({"workload": workload, "mode": spec,
+                         "error": f"not finished ({error or 'no result'})"})
+            continue
+        sub = replace(task, mode=mode if api is None else f"{api}-{mode}", hook_options=options,
+                      label=spec)
+        row = convergence._summarize(sub, done)
+        for s in row["seeds"]:  # JSON made the eval curves lists of lists
+            s["eval_curve"] = [tuple(p) for p in s.get("eval_curve", [])]
+        row["fsdp_api"] = api
+        row["row_wall_s"] = sum(done[s][0]["train_s"] for s in seeds)
+        rows.append(row)
+    print(f"[{workload}] one spawn: {time.perf_counter() - t0:.0f} s", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------- reporting
+
+#: The projection's model: 7B parameters, fp32 gradients.
+PROJ_PARAMS = 7e9
+#: Residual bytes an element of each stored form (tritter_comm/residual.py: one f32 scale per
+#: 64 elements for int8/int4); "no EF": error_feedback=False.
+RESIDUAL_BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8": 1 + 4 / 64, "int4": 0.5 + 4 / 64,
+                  "no EF": 0.0}
+
+
+def _residual_form(row: dict[str, Any]) -> str:
+    opts = row.get("hook_options", {})
+    if row.get("comm", "").endswith("none") or row["mode"] == "none":
+        return "-"
+    if not opts.get("error_feedback", True):
+        return "no EF"
+    return str(opts.get("residual_dtype", "float32"))
+
+
+def _memory(row: dict[str, Any], world: int) -> tuple[float, float, float]:
+    """(hook bytes a rank, its fraction of the rank's fp32 gradient shard, the model's own
+    bytes a rank: parameters + gradients + optimizer state)."""
+    s0 = row["seeds"][0]
+    n = s0.get("numel", row["workload_info"]["params"])
+    hook = s0.get("state_bytes", s0.get("hook_stats", {}).get("state_bytes", 0))
+    shard = 4 * n / (world if row.get("fsdp_api") else 1)  # DDP: the whole fp32 gradient
+    # fp32 parameters, gradients and AdamW's two moments: 16 bytes a parameter, 1/N of them a
+    # rank under FSDP (what _model_bytes measured is in the JSON, "model_bytes")
+    model_b = 16 * n / (world if row.get("fsdp_api") else 1)
+    return hook, hook / shard, model_b
+
+
+def _vs_fp32_residual(r: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """Gap minus the gap of the same API and mode with float32 residuals, in points."""
+    form = _residual_form(r)
+    if form in ("-", "float32") or "gap_pct" not in r:
+        return ""
+    refs = [x for x in rows if x.get("fsdp_api") == r.get("fsdp_api")
+            and _residual_form(x) == "float32" and "gap_pct" in x]
+    refs.sort(key=lambda x: x.get("comm") != r.get("comm"))  # the same mode first
+    ref = refs[0] if refs else None
+    if ref is None:
+        return ""
+    # same bytes on the wire?
+    same = abs(ref["bytes_per_step"] - r["bytes_per_step"]) < 1
+    return f"{r['gap_pct'] - ref['gap_pct']:+.2f} pt" + ("" if same else " (other bytes)")
+
+
+def format_table(workload: str, rows: list[dict[str, Any]], world: int, baseline: str) -> str:
+    ok = [r for r in rows if "seeds" in r]
+    lines = []
+    base = next((r for r in ok if r["mode"] == baseline), None)
+    if ok:
+        n = ok[0]["seeds"][0].get("numel", ok[0]["workload_info"]["params"])
+        lines += [f"### {workload}: {n:,} params, {world} ranks, {ok[0]['steps']} "
+                  f"steps, {len(ok[0]['seeds'])} seed(s); gap vs {baseline}", ""]
+    header = ("row", "residual", "bytes/step/rank", "vs fp32", "eval loss", "gap (seeds)",
+              "vs fp32 residual", "hook mem/rank", "x fp32 grad shard", "model mem/rank",
+              "replicas")
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join(["---", "---"] + ["---:"] * (len(header) - 3) + [":---:"]) + "|")
+    gaps = {}
+    for r in ok:  # every gap first: a row is compared with another's
+        gap = "n/a"
+        if base is not None:
+            bl = {s["seed"]: s["eval_loss"] for s in base["seeds"]}
+            per = [100 * (s["eval_loss"] - bl[s["seed"]]) / bl[s["seed"]]
+                   for s in r["seeds"] if s["seed"] in bl]
+            r["gap_pct"] = 100 * (r["eval_loss_mean"] - base["eval_loss_mean"]) / base[
+                "eval_loss_mean"]
+            gap = f"{r['gap_pct']:+.2f}%"
+            if len(per) > 1:
+                gap += f" ({min(per):+.1f}..{max(per):+.1f})"
+        gaps[id(r)] = gap
+    for r in ok:
+        gap = gaps[id(r)]
+        hook, frac, model_b = _memory(r, world)
+        r["hook_bytes_per_rank"], r["hook_fraction_of_shard"] = hook, frac
+        r["model_bytes_per_rank"] = model_b
+        lines.append("| " + " | ".join((
+            r["mode"], _residual_form(r), convergence._fmt_bytes(r["bytes_per_step"]),
+            f"{r['ratio_vs_fp32']:.1f}x",
+            f"{r['eval_loss_mean']:.4f}" + (f" ± {r['eval_loss_std']:.4f}"
+                                            if len(r["seeds"]) > 1 else ""),
+            gap, _vs_fp32_residual(r, ok), convergence._fmt_bytes(hook), f"{frac:.2f}x",
+            convergence._fmt_bytes(model_b),
+            "identical" if r["replicas_identical"] else "DIFFER")) + " |")
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"\nskipped {r['mode']}: {r['skipped']}")
+        elif "error" in r:
+            first = r["error"].strip().splitlines()
+            lines.append(f"\nFAILED {r['mode']}: {first[-1] if first else '?'}")
+    return "\n".join(lines)
+
+
+def projection() -> str:
+    """FSDP client residual memory a rank for a 7B model: arithmetic, not a measurement."""
+    lines = ["### projection (arithmetic, not measured): FSDP, 7B parameters, fp32 gradients", "",
+             "| residual | bytes a rank | 8 ranks: x shard | 64 ranks: x shard | "
+             "model's own a rank, 8 / 64 ranks (fp32 params+grads+AdamW) |",
+             "|---|---:|---:|---:|---:|"]
+    for form, b in RESIDUAL_BYTES.items():
+        total = PROJ_PARAMS * b
+        lines.append(f"| {form} | {total / 1e9:.2f} GB | {total / (4 * PROJ_PARAMS / 8):.2f}x | "
+                     f"{total / (4 * PROJ_PARAMS / 64):.2f}x | "
+                     f"{16 * PROJ_PARAMS / 8 / 1e9:.1f} / {16 * PROJ_PARAMS / 64 / 1e9:.2f} GB |")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -199,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated rows: DDP modes of convergence.py, or "
                          "fsdp1-/fsdp2- followed by none or vsa-ternary|int2|sign[:opt=value]")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated ints")
+    ap.add_argument("--workloads", default=WORKLOAD, help="comma-separated: transformer, digits")
+    ap.add_argument("--baseline", default="none",
+                    help="the row every gap is measured against (e.g. fsdp1-none)")
     ap.add_argument("--steps", type=int, default=convergence.DEFAULT_STEPS[WORKLOAD])
     ap.add_argument("--quick", action="store_true", help="smoke test: 30 steps, seed 0")
     ap.add_argument("--world", type=int, default=2)
@@ -206,6 +418,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None,
                     help=f"JSON path (default {DEFAULT_OUT.relative_to(_ROOT)})")
     ap.add_argument("--collective-timeout", type=float, default=120.0)
+    ap.add_argument("--one-spawn", action="store_true",
+                    help="run every row in one set of ranks (a loaded machine)")
+    ap.add_argument("--eval-points", type=int, default=10)
+    ap.add_argument("--from-partial", action="store_true",
+                    help="with --one-spawn: train nothing, tabulate the rows that the run with "
+                         "the same --out has written so far")
     ap.add_argument("--stall-timeout", type=float, default=300.0)
     args = ap.parse_args(argv)
     out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
@@ -226,40 +444,57 @@ def main(argv: list[str] | None = None) -> int:
 
     vsa_ok, vsa_why = comm.vsa_available()
     rows: list[dict[str, Any]] = []
+    tables = []
     t_start = time.perf_counter()
-    for spec, (api, mode, options) in specs.items():
-        if mode in comm.VSA_MODES and not vsa_ok:
-            rows.append({"workload": WORKLOAD, "mode": spec,
-                         "skipped": f"tritter_comm.hooks unavailable ({vsa_why})"})
+    for workload in convergence._csv(args.workloads):
+        wrows = []
+        if args.one_spawn:
+            wrows = _one_spawn(specs, workload, seeds, steps, args)
+            tables.append(format_table(workload, wrows, args.world, args.baseline))
+            rows += wrows
             continue
-        task = convergence.Task(workload=WORKLOAD, mode=mode if api is None else f"{api}-{mode}",
-                                hook_options=options, label=spec, seeds=seeds, steps=steps,
-                                world=args.world, size=args.size,
-                                collective_timeout_s=args.collective_timeout)
-        t0 = time.perf_counter()
-        row = convergence.run_task(task, stall_timeout_s=args.stall_timeout,
-                                   train_one=_train_one if api else None)
-        row["row_wall_s"] = time.perf_counter() - t0
-        row["fsdp_api"] = api
-        if "error" in row:
-            print(f"[{WORKLOAD}] {spec}: FAILED after {row['row_wall_s']:.0f} s\n{row['error']}",
-                  flush=True)
-        else:
-            print(f"[{WORKLOAD}] {spec}: eval {row['eval_loss_mean']:.4f}, "
-                  f"bytes {row['ratio_vs_fp32']:.1f}x below fp32, {row['row_wall_s']:.0f} s",
-                  flush=True)
-        rows.append(row)
+        for spec, (api, mode, options) in specs.items():
+            if mode in comm.VSA_MODES and not vsa_ok:
+                wrows.append({"workload": workload, "mode": spec,
+                              "skipped": f"tritter_comm.hooks unavailable ({vsa_why})"})
+                continue
+            task = convergence.Task(workload=workload,
+                                    mode=mode if api is None else f"{api}-{mode}",
+                                    hook_options=options, label=spec, seeds=seeds, steps=steps,
+                                    world=args.world, size=args.size,
+                                    collective_timeout_s=args.collective_timeout)
+            t0 = time.perf_counter()
+            row = convergence.run_task(task, stall_timeout_s=args.stall_timeout,
+                                       train_one=_train_one if api else None)
+            row["row_wall_s"] = time.perf_counter() - t0
+            row["fsdp_api"] = api
+            if "error" in row:
+                print(f"[{workload}] {spec}: FAILED after {row['row_wall_s']:.0f} s\n"
+                      f"{row['error']}", flush=True)
+            else:
+                print(f"[{workload}] {spec}: eval {row['eval_loss_mean']:.4f}, "
+                      f"bytes {row['ratio_vs_fp32']:.1f}x below fp32, "
+                      f"hook {_memory(row, args.world)[0]:.0f} B, "
+                      f"{row['row_wall_s']:.0f} s", flush=True)
+            wrows.append(row)
+        tables.append(format_table(workload, wrows, args.world, args.baseline))
+        rows += wrows
     total_s = time.perf_counter() - t_start
-    print("\n" + convergence.format_table(WORKLOAD, rows))
+    print("\n" + "\n\n".join(tables))
     print("\nbytes: gradient bytes per step per rank; vs fp32: DDP rows against an fp32 "
           "all-reduce, FSDP rows against an fp32 reduce-scatter (parameter all-gathers not "
-          "counted)\n")
+          "counted). hook mem: stats()['state_bytes'] on rank 0 at the end (every residual "
+          "byte); x fp32 grad shard: that over 4 bytes x params / ranks (DDP rows: over the "
+          "whole fp32 gradient); model mem: this rank's parameters + gradients + AdamW state "
+          "(16 bytes a parameter, over the ranks for FSDP rows)\n")
+    print(projection() + "\n")
 
     report = {
         "benchmark": "convergence-fsdp",
         "machine": convergence._machine(),
         "settings": {
-            "workload": WORKLOAD,
+            "workloads": convergence._csv(args.workloads),
+            "baseline": args.baseline,
             "modes": list(specs),
             "seeds": list(seeds),
             "steps": steps,

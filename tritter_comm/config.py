@@ -41,7 +41,7 @@ ENV_SPEC = "TRITTER_COMM"
 ENV_CONFIG = "TRITTER_COMM_CONFIG"
 HOOKS = ("vsa", "none")
 
-RESIDUAL_DTYPES = ("float32", "bfloat16")
+RESIDUAL_DTYPES = ("float32", "bfloat16", "int8", "int4")
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
@@ -97,8 +97,11 @@ class VSAConfig:
     auto: bool = _opt(False, "measure what plain and compressed exchange of each bucket cost on "
                       "this link and compress only where it is faster; every rank makes the "
                       "same choice (`stats()[\"auto\"]`)")
-    residual_dtype: str = _opt("float32", "`\"bfloat16\"` halves the residuals' memory (they "
-                               "take as much as the fp32 gradients, plus 1/N for the server's); "
+    residual_dtype: str = _opt("float32", "how residuals are stored: `\"float32\"`; "
+                               "`\"bfloat16\"` (half the memory); `\"int8\"` or `\"int4\"` "
+                               "(codes with one f32 scale per 64 elements: 0.27x and 0.14x of "
+                               "fp32). A client residual covers the whole gradient, so under "
+                               "FSDP fp32 residuals take N times the rank's gradient shard; "
                                "ranks may differ here", agreed=False)
     intra_node_size: Optional[int] = _opt(None, "ranks a node (ranks `n*L .. n*L+L-1` share a fast "
                                           "link): reduce plainly inside the node and compress only "
@@ -135,7 +138,8 @@ class VSAConfig:
                              f"None (from LOCAL_WORLD_SIZE), got {self.intra_node_size!r}")
         if self.residual_dtype not in RESIDUAL_DTYPES:
             raise ValueError(f"residual_dtype must be one of {list(RESIDUAL_DTYPES)}, "
-                             f"got {self.residual_dtype!r}")
+                             f"got {self.residual_dtype!r} (int8/int4 store residuals "
+                             "quantized, see tritter_comm/residual.py)")
 
     # -- derived ---------------------------------------------------------------------------------
 

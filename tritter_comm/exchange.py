@@ -149,7 +149,11 @@ def _encode(x, slot, *, seed, stream, plan, residual, timers, phase=0) -> None:
                                          block_log2=plan.block_log2, residual=work)
         if work is not residual:
             # on the flag the widened copy is as it was; where() keeps even a NaN's payload
-            residual.copy_(torch.where(bad.bool(), residual, work.to(residual.dtype)))
+            keep = bad.bool()
+            if isinstance(residual, torch.Tensor):
+                residual.copy_(torch.where(keep, residual, work.to(residual.dtype)))
+            else:  # stored as codes and scales (residual.py): those stay as they are
+                residual.copy_(work, keep=keep)
     else:
         try:
             encode_body_into(x, body, seed=seed, stream=stream, mode_id=mode_id,

@@ -161,7 +161,8 @@ def reduce_scatter(state: VSAState, inp: torch.Tensor, out: torch.Tensor, *, key
     ex = _exchange(state, plan, group, key)
     x = inp.reshape(-1)
     x = x if x.dtype == torch.float32 else x.float()
-    res = (state._residual(state.residuals, key, plan.numel, x.device)
+    # a narrow residual starts a block of scales at every shard (they are not block-aligned)
+    res = (state._residual(state.residuals, key, plan.numel, x.device, segment=plan.chunk)
            if state.error_feedback else None)
     direct = out.dtype == torch.float32 and out.is_contiguous()
     acc = out.view(-1) if direct else torch.empty(plan.chunk, dtype=torch.float32,

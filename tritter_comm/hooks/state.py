@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from .. import _teardown
+from .. import _teardown, residual as _res
 from ..codec import FORMAT_VERSION, PACKAGE_VERSION
 from ..config import VSAConfig, field_names
 from ..exchange import Timers
@@ -214,6 +214,8 @@ class VSAState:
         would send. ``bytes_sent_inter_node`` and ``bytes_sent_intra_node`` split
         ``bytes_sent`` by link (``intra_node_size``; a plain all-reduce by the ring formula, in
         which one link a node leaves it); with one rank a node every byte is inter-node.
+        ``state_bytes``: the memory of the hook state on this rank now, every client and
+        server residual byte however stored (``residual_dtype``).
         """
         return {
             "steps": self._steps,
@@ -228,8 +230,14 @@ class VSAState:
             "buckets_uncompressed": self._buckets_plain,
             "encode_seconds": self._timers.encode_seconds,
             "decode_seconds": self._timers.decode_seconds,
+            "state_bytes": self.state_bytes(),
             **(_auto.stats(self) if self.config.auto else {}),
         }
+
+    def state_bytes(self) -> int:
+        """Bytes of residuals this rank holds (client and server, however stored)."""
+        return sum(_res.nbytes(r) for store in (self.residuals, self.server_residuals)
+                   for r in store.values())
 
     def _rank_world(self) -> tuple[int, int]:
         if dist.is_available() and dist.is_initialized():
@@ -249,9 +257,9 @@ class VSAState:
             "world_size": world,
             "config": self.config.to_dict(),
             "iter": self.iter,
-            "residuals": {k: v.detach().cpu().clone() for k, v in self.residuals.items()},
-            "server_residuals": {k: v.detach().cpu().clone()
-                                 for k, v in self.server_residuals.items()},
+            # a tensor, or (residual_dtype int8/int4) a dict of codes and scales
+            "residuals": {k: _res.to_state(v) for k, v in self.residuals.items()},
+            "server_residuals": {k: _res.to_state(v) for k, v in self.server_residuals.items()},
             "layout": {k: list(v) for k, v in self._layout.items()},
             "auto": self._auto.state_dict() if self.config.auto else None,
         }
@@ -283,8 +291,9 @@ class VSAState:
                 "every rank must save and load its own state dict"
             )
         self.iter = int(state["iter"])
-        self.residuals = {int(k): v.clone() for k, v in state["residuals"].items()}
-        self.server_residuals = {int(k): v.clone() for k, v in state["server_residuals"].items()}
+        self.residuals = {int(k): _res.from_state(v) for k, v in state["residuals"].items()}
+        self.server_residuals = {int(k): _res.from_state(v)
+                                 for k, v in state["server_residuals"].items()}
         self._layout = {int(k): tuple(int(n) for n in v) for k, v in state["layout"].items()}
         # DDP starts a new process with its initial buckets and rebuilds them after the first
         # iteration; until then, buckets are split along the saved layout (see _segments).
@@ -304,20 +313,27 @@ class VSAState:
 
     # -- residuals ---------------------------------------------------------------------------
 
-    def _residual(self, store: dict, key: int, n: int, device) -> Optional[torch.Tensor]:
+    def _residual(self, store: dict, key: int, n: int, device,
+                  segment: Optional[int] = None) -> Optional[_res.Residual]:
+        """The residual ``store[key]`` of ``n`` elements on ``device``, made (zero) where it is
+        missing or of another size or format. ``segment``: the length of the chunks the
+        exchange slices it into, where they are not multiples of the codec's block (FSDP's
+        shards); a narrow residual (int8, int4) starts a block of scales at every one."""
+        fmt = self.config.residual_dtype
         r = store.get(key)
-        if r is None or r.numel() != n:
-            if r is not None:
-                # The bucket layout changed (e.g. a resumed job before DDP's rebuild).
-                logger.info("bucket %d changed size (%d -> %d): residual reset", key,
-                            r.numel(), n)
-            r = torch.zeros(n, dtype=getattr(torch, self.config.residual_dtype), device=device)
+        if r is not None and (r.numel() != n or _res.fmt_of(r) != fmt or (
+                isinstance(r, _res.QuantizedResidual) and r.segment != (segment or n))):
+            # The bucket layout changed (e.g. a resumed job before DDP's rebuild).
+            logger.info("bucket %d changed size (%d -> %d) or format: residual reset", key,
+                        r.numel(), n)
+            r = None
+        if r is None:
+            r = _res.make(n, fmt, device, segment)
             store[key] = r
-        elif r.device != device:
-            r = r.to(device)
+        elif r.device != torch.device(device):
+            r = r.moved(device) if isinstance(r, _res.QuantizedResidual) else r.to(device)
             store[key] = r
         return r
-
 
 # Every option is readable as an attribute of the state (``state.mode``), from its config.
 for _name in field_names():
