@@ -53,6 +53,7 @@ import torch.distributed as dist
 from ..codec import MODES, block_log2
 from ..config import VSAConfig
 from ..exchange import MAX_BUCKETS, MAX_WORLD, Exchange, Plan, Timers
+from ._wrapper import OptimizerWrapper
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def _is_sharded(model: torch.nn.Module) -> Optional[str]:
     return None
 
 
-class DiLoCo:
+class DiLoCo(OptimizerWrapper):
     """An optimizer wrapper that syncs the replicas every ``sync_every`` steps (DiLoCo).
 
     Args:
@@ -290,18 +291,7 @@ class DiLoCo:
             dist.broadcast(buf, src=src, group=self.process_group)
             f.scatter(buf)
 
-    # -- the optimizer interface -----------------------------------------------------------------
-
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+    # -- the optimizer interface (param_groups, state, zero_grad: _wrapper.py) -------------
 
     def __repr__(self) -> str:
         comp = "fp32" if self.vsa is None else self.vsa.describe()

@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 
 from ._predictor import BACKENDS, FITS, Predictor, cosine
+from ._wrapper import OptimizerWrapper
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def _positive_int(name: str, v: Any, minimum: int = 1) -> int:
     return v
 
 
-class PhaseOptimizer:
+class PhaseOptimizer(OptimizerWrapper):
     """Wrap ``optimizer`` so that some steps use a predicted gradient instead of a backward pass.
 
     Args:
@@ -279,18 +280,7 @@ class PhaseOptimizer:
         self._counts = {ph.value: 0 for ph in Phase}
         self._sync_bytes = 0
 
-    # -- delegation --------------------------------------------------------------------------
-
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+    # -- delegation (param_groups, state, zero_grad: _wrapper.py) ---------------------------
 
     def __repr__(self) -> str:
         return (f"PhaseOptimizer({type(self.optimizer).__name__}, phase={self.phase.value}, "
