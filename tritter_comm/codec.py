@@ -389,12 +389,8 @@ def encode_body_into(
     if _resolve_backend(backend, x.device) == "rust":
         _rust_encode(x, out, mode_id, block_log2, seed, stream, residual, check_finite)
     else:
-        if check_finite:
-            bad = ~torch.isfinite(x).all()
-            if residual is not None:
-                bad |= ~torch.isfinite(residual).all()
-            if bool(bad):
-                raise ValueError("input contains NaN or Inf")
+        if check_finite and bool(nonfinite(x, residual)):  # a host sync: the public form's
+            raise ValueError("input contains NaN or Inf")
         # CUDA: the Triton kernels where available (the torch ops otherwise), straight into out
         _tc.encode_body(x, seed=seed, stream=stream, mode=mode_id, block_log2=block_log2,
                         residual=residual, out=out)
