@@ -9,8 +9,11 @@ import torch
 
 from _procs import ROOT
 
+# Appended, not inserted first: this process's sys.path is what every multi-rank test's spawned
+# ranks start from, and a checkout first on it would make them import the source tree's
+# tritter_comm (no built extension) instead of the installed one.
 if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+    sys.path.append(str(ROOT))
 
 from benchmarks import workloads  # noqa: E402
 from benchmarks.network import netns, report, run  # noqa: E402
