@@ -412,13 +412,7 @@ class DiLoCo(OptimizerWrapper):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
-            raise ValueError(f"not a DiLoCo state dict of version {_STATE_VERSION}")
-        diff = {k: (v, state["config"].get(k)) for k, v in self.config().items()
-                if state["config"].get(k) != v}
-        if diff:
-            raise ValueError("checkpoint was saved with a different configuration: " + ", ".join(
-                f"{k}: this {a!r}, checkpoint {b!r}" for k, (a, b) in diff.items()))
+        self._check_saved(state, _STATE_VERSION)
 
         def dev(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             return None if t is None else t.to(self._device, torch.float32).clone()

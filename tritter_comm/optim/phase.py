@@ -504,13 +504,7 @@ class PhaseOptimizer(OptimizerWrapper):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
-            raise ValueError(f"not a PhaseOptimizer state dict of version {_STATE_VERSION}")
-        diff = {k: (v, state["config"].get(k)) for k, v in self.config().items()
-                if state["config"].get(k) != v}
-        if diff:
-            raise ValueError("checkpoint was saved with a different configuration: " + ", ".join(
-                f"{k}: this {a!r}, checkpoint {b!r}" for k, (a, b) in diff.items()))
+        self._check_saved(state, _STATE_VERSION)
         if len(state["predictor"]) != len(self._groups):
             raise ValueError(f"checkpoint has {len(state['predictor'])} parameter devices, this "
                              f"optimizer {len(self._groups)}")
