@@ -226,6 +226,83 @@ def test_low_quality_returns_to_full():
             assert phases[i + 1] is F_
 
 
+class _Noise(nn.Module):
+    """A model whose gradient is fresh Gaussian noise every step: nothing to predict."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(256))
+
+    def loss(self, step):
+        g = torch.Generator().manual_seed(1000 + step)
+        return (self.w * torch.randn(256, generator=g)).sum()
+
+
+def _noise_run(steps, **kw):
+    torch.manual_seed(0)
+    m = _Noise()
+    inner = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    opt = PhaseOptimizer(inner, **kw) if kw.get("wrap", True) else None
+    kw.pop("wrap", None)
+    phases = []
+    for step in range(steps):
+        if opt is None or opt.needs_backward():
+            inner.zero_grad()
+            m.loss(step).backward()
+        if opt is not None:
+            phases.append(opt.phase)
+            opt.step()
+        else:
+            inner.step()
+    return m.w.detach().clone(), opt, phases
+
+
+def test_gate_rarely_predicts_noise():
+    # a prediction of pure noise does not beat skipping: the gate stays closed but for the rare
+    # false opening its 2-sigma test allows (about 2% of checks)
+    _, opt, phases = _noise_run(400, warmup_steps=10)
+    st = opt.stats()
+    assert st["gate_checks"] >= 40
+    assert st["gate_closed"] >= 0.9 * st["gate_checks"]
+    assert st["backward_skipped"] <= 0.05 * 400
+    # without the gate, the same adaptive schedule predicts a large share
+    _, opt0, _ = _noise_run(400, warmup_steps=10, gate_window=0)
+    assert opt0.stats()["backward_skipped"] > 0.2 * 400 and opt0.stats()["gate_checks"] == 0
+
+
+def test_measuring_for_the_gate_does_not_change_training():
+    # with a gate that never opens, training is the wrapped optimizer's alone, bit for bit
+    w_plain, _, _ = _noise_run(100, wrap=False)
+    w_gated, opt, phases = _noise_run(100, warmup_steps=10, gate_sigmas=1e6)
+    assert P not in phases and opt.stats()["backward_skipped"] == 0
+    assert opt.stats()["gate_lower"] < 0
+    assert torch.equal(w_plain, w_gated)
+
+
+def test_gate_opens_where_the_gradient_has_a_direction():
+    model = _model()
+    opt = PhaseOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), warmup_steps=10)
+    _loop(model, opt, 120)
+    st = opt.stats()
+    assert st["gate_checks"] > 0 and st["gate_lower"] > 0
+    assert st["backward_skipped"] > 0.3 * 120
+
+
+def test_gate_needs_enough_measurements():
+    # fewer than GATE_MIN_SAMPLES measured steps: closed, whatever they say
+    from tritter_comm.optim.phase import GATE_MIN_SAMPLES, GATE_RECHECK
+
+    model = _model()
+    opt = PhaseOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), warmup_steps=2)
+    phases, _ = _loop(model, opt, 3)  # the first check, after step 2, has 2 measurements
+    assert opt.stats()["gate_checks"] == 1 and opt.stats()["gate_closed"] == 1
+    assert opt.stats()["gate_lower"] is None
+    # a closed gate waits GATE_RECHECK real steps before the next check
+    more, _ = _loop(model, opt, 3 + GATE_RECHECK, start=3)
+    assert more == [F_] * GATE_RECHECK
+    assert opt.stats()["gate_checks"] == 2
+
+
 def test_training_without_forward_on_predicted_steps_learns():
     model = _model()
     opt = PhaseOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), warmup_steps=10)
@@ -310,6 +387,10 @@ def test_load_refuses_another_configuration():
     (dict(decay=1.0), "decay"),
     (dict(min_quality=2.0), "min_quality"),
     (dict(loss_tolerance=-0.1), "loss_tolerance"),
+    (dict(gate_window=-1), "gate_window"),
+    (dict(gate_sigmas=-1.0), "gate_sigmas"),
+    (dict(gate_sigmas=float("nan")), "gate_sigmas"),
+    (dict(gate_sigmas=True), "gate_sigmas"),
     (dict(backend="cuda"), "backend"),
     (dict(fit="quadratic"), "fit"),
     (dict(predict_lr_scale=1.5), "predict_lr_scale"),
@@ -363,9 +444,12 @@ def test_ddp_replicas_stay_identical(hook, forward):
     assert st["exchanges"] == st["backward_passes"] and st["exchanges_skipped"] == st[
         "backward_skipped"]
     assert st["backward_passes"] + st["backward_skipped"] == 40
-    assert st["backward_skipped"] >= 10
+    # the gate's first check (after warm-up, with fewer than 8 measurements) is closed, a
+    # later one opens: the toy model's gradient has a direction
+    assert st["gate_closed"] >= 1 and st["gate_checks"] > st["gate_closed"]
+    assert st["backward_skipped"] >= 8
     assert res[0]["phases"].count("predict") == st["backward_skipped"]
-    assert st["sync_bytes"] > 0  # the adaptive schedule's agreement on CORRECT steps
+    assert st["sync_bytes"] > 0  # the gate's and the adaptive schedule's agreements
     # the scheduler and AdamW saw every step, predicted or not
     assert res[0]["adam_steps"] == 40
     assert res[0]["lr"] == pytest.approx(1e-2 * 0.9 ** 8)

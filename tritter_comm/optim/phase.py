@@ -14,6 +14,14 @@ training"):
   measured against the real gradient (cosine similarity), the real gradient is folded into the
   history, and the schedule adapts.
 
+The adaptive schedule (the default) predicts only while its predictor measurably beats skipping
+the step. On every real step it first measures the prediction it would have made for that step
+against the real gradient (the cosine similarity; a skipped step's zero gradient scores 0), and
+a predict phase starts only when the mean of the last ``gate_window`` measurements is more than
+``gate_sigmas`` standard errors above 0. Where gradients are mostly minibatch noise (the
+transformer of ``benchmarks/phase.py``: a cosine of about 0) it does not predict, and trains
+exactly as the wrapped optimizer alone would.
+
 The training loop asks :meth:`PhaseOptimizer.needs_backward` before each step::
 
     opt = PhaseOptimizer(torch.optim.AdamW(ddp.parameters(), lr=1e-3))
@@ -43,8 +51,10 @@ real steps, and a residual waits across predicted steps for the next exchange.
 
 from __future__ import annotations
 
+import collections
 import enum
 import logging
+import math
 from typing import Any, Optional, Union
 
 import torch
@@ -57,7 +67,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Phase", "PhaseOptimizer"]
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
+#: A closed gate is checked again after this many real steps.
+GATE_RECHECK = 8
+#: Measurements the gate needs before it can open.
+GATE_MIN_SAMPLES = 8
 
 
 class Phase(str, enum.Enum):
@@ -138,9 +152,9 @@ class PhaseOptimizer(OptimizerWrapper):
         adaptive: adapt ``predict_steps`` to the loss trend and the measured prediction quality
             (default True): one longer predict phase (up to ``max_predict_steps``) after each
             cycle whose real-step loss fell, back to FULL (and a halved phase) when it rose or
-            when a CORRECT step measures a cosine similarity below ``min_quality``. It
-            shortens the phases where prediction works badly (the transformer of
-            benchmarks/phase.py: cosine about 0), so it skips fewer steps than the fixed cycle.
+            when a CORRECT step measures a cosine similarity below ``min_quality``; and a
+            predict phase starts only while the gate (``gate_window``) is open. False: the fixed
+            cycle, with no gate.
         max_predict_steps: upper bound of the adaptive predict phase (default 16).
         min_quality: the cosine similarity between predicted and real gradient below which a
             CORRECT step ends the predict phase (default 0.0: minibatch noise keeps the cosine
@@ -154,6 +168,15 @@ class PhaseOptimizer(OptimizerWrapper):
             skipping where they are mostly minibatch noise (the transformer), where
             ``fit="mean", decay=0.97`` does better: the measurements are in the README
             ("Phase-based optimizer") and ``benchmarks/results/phase-fits.json``.
+        gate_window: with ``adaptive``, the real steps whose measured prediction quality
+            (cosine similarity between the prediction for that step and its real gradient,
+            measured on every real step with a history) decide whether to predict at all
+            (default 64; 0: no gate, the schedule of earlier versions). A predict phase starts
+            only when their mean is more than ``gate_sigmas`` standard errors above 0: above a
+            skipped step's zero gradient. A closed gate is checked again every
+            ``GATE_RECHECK`` (8) real steps, with one two-float all-reduce under DDP.
+        gate_sigmas: the gate's margin in standard errors of the mean (default 2.0: about
+            97.7% one-sided confidence that the prediction points along the real gradient).
         predict_lr_scale: predicted steps run with every param group's ``lr`` multiplied by
             this (restored right after), in [0, 1] (default 1.0; 0.5 measured no better).
         loss_tolerance: relative rise of the cycle's mean loss that counts as rising
@@ -177,6 +200,8 @@ class PhaseOptimizer(OptimizerWrapper):
         "adaptive",
         "max_predict_steps",
         "min_quality",
+        "gate_window",
+        "gate_sigmas",
         "decay",
         "fit",
         "predict_lr_scale",
@@ -200,6 +225,11 @@ class PhaseOptimizer(OptimizerWrapper):
         "_quality_n",
         "_counts",
         "_sync_bytes",
+        "_gate",
+        "_full_len",
+        "_gate_checks",
+        "_gate_closed",
+        "_gate_lower",
     )
 
     def __init__(
@@ -213,6 +243,8 @@ class PhaseOptimizer(OptimizerWrapper):
         adaptive: bool = True,
         max_predict_steps: int = 16,
         min_quality: float = 0.0,
+        gate_window: int = 64,
+        gate_sigmas: float = 2.0,
         decay: float = 0.9,
         fit: str = "line",
         predict_lr_scale: float = 1.0,
@@ -235,6 +267,10 @@ class PhaseOptimizer(OptimizerWrapper):
             raise ValueError(f"decay must be a float in (0, 1), got {decay!r}")
         if not (isinstance(min_quality, (int, float)) and -1.0 <= min_quality <= 1.0):
             raise ValueError(f"min_quality is a cosine similarity in [-1, 1], got {min_quality!r}")
+        self.gate_window = _positive_int("gate_window", gate_window, 0)
+        if (isinstance(gate_sigmas, bool) or not isinstance(gate_sigmas, (int, float))
+                or not 0.0 <= gate_sigmas < math.inf):
+            raise ValueError(f"gate_sigmas must be a finite number >= 0, got {gate_sigmas!r}")
         if not (isinstance(loss_tolerance, (int, float)) and loss_tolerance >= 0):
             raise ValueError(f"loss_tolerance must be >= 0, got {loss_tolerance!r}")
         if fit not in FITS:
@@ -247,6 +283,7 @@ class PhaseOptimizer(OptimizerWrapper):
         self.optimizer = optimizer
         self.adaptive = bool(adaptive)
         self.min_quality = float(min_quality)
+        self.gate_sigmas = float(gate_sigmas)
         self.decay = float(decay)
         self.fit = fit
         self.predict_lr_scale = float(predict_lr_scale)
@@ -279,6 +316,16 @@ class PhaseOptimizer(OptimizerWrapper):
         self._quality_n = 0
         self._counts = {ph.value: 0 for ph in Phase}
         self._sync_bytes = 0
+        # the gate: the newest measured prediction qualities (cosines) of real steps
+        self._gate: collections.deque = collections.deque(maxlen=max(1, self.gate_window))
+        self._full_len = self.full_steps  # FULL steps before the next gate check
+        self._gate_checks = 0
+        self._gate_closed = 0
+        self._gate_lower: Optional[float] = None  # the last check's lower bound
+
+    @property
+    def _gated(self) -> bool:
+        return self.adaptive and self.gate_window > 0
 
     # -- delegation (param_groups, state, zero_grad: _wrapper.py) ---------------------------
 
@@ -325,17 +372,23 @@ class PhaseOptimizer(OptimizerWrapper):
             raise RuntimeError(f"step {self._step} is a {phase.value} step "
                                "(needs_backward() is True) but no parameter has a gradient: "
                                "run the backward pass before step()")
-        measure = phase is Phase.CORRECT
-        q = [0.0, 0.0, 0.0]
+        # the gate measures on every real step, the fixed cycle on CORRECT steps only
+        measure = phase is Phase.CORRECT or self._gated
+        q, measured = [0.0, 0.0, 0.0], False
         for g in self._groups:
             r = g.predictor.observe(g.flat, measure=measure)
             if r is not None:
                 q = [a + b for a, b in zip(q, r)]
+                measured = True
         if loss is not None:
             self._cycle_loss += float(loss.detach()) if torch.is_tensor(loss) else float(loss)
             self._cycle_count += 1
-        if measure:
-            self._last_quality = cosine(tuple(q))
+        if measured:
+            quality = cosine(tuple(q))
+            if phase is Phase.CORRECT:
+                self._last_quality = quality
+            if self._gated:
+                self._gate.append(quality)
         return self.optimizer.step()
 
     def _predicted_step(self) -> Any:
@@ -377,6 +430,33 @@ class PhaseOptimizer(OptimizerWrapper):
             loss, quality = (t / world).tolist()
         return (None if loss != loss else loss), quality
 
+    def _gate_open(self) -> bool:
+        """Whether the measured prediction quality is above 0 by ``gate_sigmas`` standard errors
+        (the same answer on every rank: the bound is averaged over the process group)."""
+        xs = list(self._gate)
+        if len(xs) >= GATE_MIN_SAMPLES:
+            mean = math.fsum(xs) / len(xs)
+            var = math.fsum((x - mean) ** 2 for x in xs) / (len(xs) - 1)
+            lower = mean - self.gate_sigmas * math.sqrt(var / len(xs))
+        else:
+            lower = -math.inf
+        world = self._world()
+        if world > 1:  # every rank measured the same synchronized gradients; agree anyway
+            dev = self._groups[0].flat.device
+            t = torch.tensor([lower if lower > -math.inf else -1e300], dtype=torch.float64,
+                             device=dev)
+            dist.all_reduce(t, group=self.process_group)
+            self._sync_bytes += 2 * (world - 1) * t.numel() * 8 // world
+            lower = float(t.item()) / world
+        self._gate_checks += 1
+        self._gate_lower = lower if lower > -1e299 else None
+        if lower > 0.0:
+            return True
+        self._gate_closed += 1
+        logger.debug("step %d: prediction quality %s not above 0: no predict phase",
+                     self._step, self._gate_lower)
+        return False
+
     def _enter(self, phase: Phase) -> None:
         self.phase = phase
         self._in_phase = 0
@@ -389,7 +469,12 @@ class PhaseOptimizer(OptimizerWrapper):
             if self._step >= self.warmup_steps:
                 self._enter(Phase.FULL)
         elif ph is Phase.FULL:
-            if self._in_phase >= self.full_steps:
+            if self._in_phase >= self._full_len:
+                if self._gated and not self._gate_open():
+                    self._full_len = max(self.full_steps, GATE_RECHECK)
+                    self._enter(Phase.FULL)
+                    return
+                self._full_len = self.full_steps
                 self._predicted_in_phase = 0
                 self._enter(Phase.PREDICT)
         elif ph is Phase.PREDICT:
@@ -445,6 +530,9 @@ class PhaseOptimizer(OptimizerWrapper):
         ``exchanges`` / ``exchanges_skipped``: the same under ``torch.distributed`` with more
         than one rank (each real step is one gradient exchange), else 0.
         ``sync_bytes``: bytes this rank sent for the schedule's agreement (ring formula).
+        ``gate_checks`` / ``gate_closed``: the adaptive gate's checks, and those that found
+        the prediction no better than skipping; ``gate_lower``: the last check's lower bound
+        of the mean quality (None before ``GATE_MIN_SAMPLES`` measurements).
         """
         real = sum(self._counts[p.value] for p in _REAL)
         pred = self._counts[Phase.PREDICT.value]
@@ -462,6 +550,9 @@ class PhaseOptimizer(OptimizerWrapper):
             "last_quality": self._last_quality,
             "mean_quality": self._quality_sum / self._quality_n if self._quality_n else None,
             "sync_bytes": self._sync_bytes,
+            "gate_checks": self._gate_checks,
+            "gate_closed": self._gate_closed,
+            "gate_lower": self._gate_lower,
         }
 
     def config(self) -> dict:
@@ -473,6 +564,8 @@ class PhaseOptimizer(OptimizerWrapper):
             "adaptive": self.adaptive,
             "max_predict_steps": self.max_predict_steps,
             "min_quality": self.min_quality,
+            "gate_window": self.gate_window,
+            "gate_sigmas": self.gate_sigmas,
             "decay": self.decay,
             "fit": self.fit,
             "predict_lr_scale": self.predict_lr_scale,
@@ -499,6 +592,11 @@ class PhaseOptimizer(OptimizerWrapper):
             "quality_n": self._quality_n,
             "counts": dict(self._counts),
             "sync_bytes": self._sync_bytes,
+            "gate": list(self._gate),
+            "full_len": self._full_len,
+            "gate_checks": self._gate_checks,
+            "gate_closed": self._gate_closed,
+            "gate_lower": self._gate_lower,
             "predictor": [dict(g.predictor.state_dict(), had_grad=list(g.had_grad))
                           for g in self._groups],
         }
@@ -525,3 +623,9 @@ class PhaseOptimizer(OptimizerWrapper):
         self._quality_n = int(state["quality_n"])
         self._counts = {k: int(v) for k, v in state["counts"].items()}
         self._sync_bytes = int(state["sync_bytes"])
+        self._gate.clear()
+        self._gate.extend(float(x) for x in state["gate"])
+        self._full_len = int(state["full_len"])
+        self._gate_checks = int(state["gate_checks"])
+        self._gate_closed = int(state["gate_closed"])
+        self._gate_lower = state["gate_lower"]
