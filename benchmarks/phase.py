@@ -15,7 +15,12 @@ Per row: backward passes and gradient exchanges per rank, bytes sent per rank ov
 (analytic fp32 ring all-reduce per exchange for the plain rows, the hook's ``stats()`` for the vsa
 rows, plus the phase schedule's own scalar all-reduces), training wall time (median over seeds),
 final eval loss (mean over seeds) and its gap to ``plain`` (of the ``phase*+vsa`` rows to ``plain+vsa``).
-Prints a markdown table, writes JSON.
+
+The compute-matched figure: rank 0 evaluates every ``--eval-every`` steps (the held-out set is
+fixed and the evaluation draws no random numbers, so training is unchanged), and for each seed
+the backward passes a phase row had run when its eval loss first reached its baseline row's
+final eval loss ("to plain's loss"; measured at those points only, so an upper bound), as a
+fraction of the baseline's backward passes. Prints a markdown table, writes JSON.
 
 Usage::
 
@@ -66,6 +71,7 @@ class Task:
     collective_timeout_s: float = 120.0
     phase_options: dict[str, Any] = field(default_factory=dict)
     hook_options: dict[str, Any] = field(default_factory=dict)
+    eval_every: int = 25  # rank 0's eval-loss curve (the compute-matched figure); 0: none
 
 
 def _train_one(rank: int, task: Task, seed: int, q: Any) -> dict[str, Any]:
@@ -82,6 +88,7 @@ def _train_one(rank: int, task: Task, seed: int, q: Any) -> dict[str, Any]:
     opt = PhaseOptimizer(inner, **task.phase_options) if task.row.startswith("phase") else None
     backward = 0
     train_s = 0.0
+    curve = []  # (steps, backward passes, eval loss) on rank 0
     dist.barrier()
     for step in range(task.steps):
         t0 = time.perf_counter()
@@ -96,6 +103,8 @@ def _train_one(rank: int, task: Task, seed: int, q: Any) -> dict[str, Any]:
         (inner.step() if opt is None else opt.step(loss=loss))
         sched.step()
         train_s += time.perf_counter() - t0
+        if rank == 0 and task.eval_every and (step + 1) % task.eval_every == 0:
+            curve.append((step + 1, backward, w.eval_loss(ddp)))
     dist.barrier()
     fp32 = comm.fp32_allreduce_bytes(ddp)
     st = opt.stats() if opt is not None else None
@@ -115,7 +124,7 @@ def _train_one(rank: int, task: Task, seed: int, q: Any) -> dict[str, Any]:
                         if isinstance(v, (int, float, str, bool))} if vsa else None),
     }
     if rank == 0:
-        out.update(eval_loss=w.eval_loss(ddp), workload_info=w.info)
+        out.update(eval_loss=w.eval_loss(ddp), workload_info=w.info, curve=curve)
     return out
 
 
@@ -163,6 +172,37 @@ def _gap(row: dict, base: dict | None) -> tuple[float, list[float]] | None:
     return 100 * (row["eval_loss_mean"] - base["eval_loss_mean"]) / base["eval_loss_mean"], per
 
 
+def to_baseline_loss(row: dict, base: dict | None) -> tuple[list[float], int] | None:
+    """Per seed, the backward passes ``row`` had run when its eval loss first reached ``base``'s
+    final eval loss, as a fraction of ``base``'s backward passes; and the seeds that never did."""
+    if base is None or "seeds" not in base or "seeds" not in row:
+        return None
+    b = {s["seed"]: s for s in base["seeds"]}
+    fracs, missed = [], 0
+    for s in row["seeds"]:
+        if s["seed"] not in b or not s.get("curve"):
+            continue
+        target = b[s["seed"]]["eval_loss"]
+        hit = next((bw for _, bw, loss in s["curve"] if loss <= target), None)
+        if hit is None:
+            missed += 1
+        else:
+            fracs.append(hit / b[s["seed"]]["backward_passes"])
+    return fracs, missed
+
+
+def _matched(m: tuple[list[float], int] | None) -> str:
+    if m is None:
+        return "—"
+    fracs, missed = m
+    if not fracs:
+        return f"not reached ({missed} seeds)"
+    text = f"{100 * statistics.fmean(fracs):.0f}%"
+    if len(fracs) > 1:
+        text += f" ({100 * min(fracs):.0f}..{100 * max(fracs):.0f})"
+    return text + (f", {missed} not reached" if missed else "")
+
+
 def format_table(workload: str, rows: list[dict]) -> str:
     ok = {r["row"]: r for r in rows if "seeds" in r}
     lines = []
@@ -171,7 +211,8 @@ def format_table(workload: str, rows: list[dict]) -> str:
         lines += [f"### {workload}: {any_row['workload_info']['params']:,} params, "
                   f"{any_row['steps']} steps, {len(any_row['seeds'])} seed(s), 2 ranks", ""]
     header = ("row", "backward/rank", "exchanges/rank", "fewer backward", "MB sent/rank",
-              "eval loss (± sd)", "gap (seed range)", "wall s", "replicas")
+              "eval loss (± sd)", "gap (seed range)", "backward to plain's loss", "wall s",
+              "replicas")
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|---|" + "---:|" * (len(header) - 2) + ":---:|")
     for name in ROWS + ALT_ROWS:
@@ -188,12 +229,14 @@ def format_table(workload: str, rows: list[dict]) -> str:
         if name.endswith("+vsa") and name != "plain+vsa" and g is not None:
             gap += " vs plain+vsa"
         fewer = 100 * (1 - r["backward_passes"] / r["steps"])
+        matched = (_matched(to_baseline_loss(r, base)) if name not in ("plain", "plain+vsa")
+                   else "—")
         loss = f"{r['eval_loss_mean']:.4f}"
         if len(r["seeds"]) > 1:
             loss += f" ± {r['eval_loss_std']:.4f}"
         lines.append("| " + " | ".join((
             name, f"{r['backward_passes']:.0f}", f"{r['exchanges']:.0f}",
-            f"{fewer:.1f}%", f"{r['bytes'] / 1e6:.1f}", loss, gap,
+            f"{fewer:.1f}%", f"{r['bytes'] / 1e6:.1f}", loss, gap, matched,
             f"{r['wall_s_median']:.1f}", "identical" if r["replicas_identical"] else "DIFFER",
         )) + " |")
     for r in rows:
@@ -216,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alt-phase-options", default=None,
                     help="PhaseOptimizer kwargs of the phase-alt rows (added when given)")
     ap.add_argument("--hook-options", default="", help="VSAState kwargs for the +vsa rows")
+    ap.add_argument("--eval-every", type=int, default=25,
+                    help="rank 0 evaluates every N steps, for the compute-matched figure "
+                    "(default 25; 0: only at the end)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--stall-timeout", type=float, default=300.0)
     args = ap.parse_args(argv)
@@ -226,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         if r not in ROWS + ALT_ROWS:
             ap.error(f"unknown row {r!r}; choose from {', '.join(ROWS)}")
+    if args.eval_every < 0:
+        ap.error(f"--eval-every must be >= 0, got {args.eval_every}")
     seeds = tuple(int(s) for s in convergence._csv(args.seeds))
     steps = dict(DEFAULT_STEPS)
     if args.steps:
@@ -244,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
             task = Task(workload=name, row=row, seeds=seeds, steps=steps[name],
                         phase_options=(aopts if row.startswith("phase-alt")
                                        else popts if row.startswith("phase") else {}),
-                        hook_options=hopts if row.endswith("+vsa") else {})
+                        hook_options=hopts if row.endswith("+vsa") else {},
+                        eval_every=args.eval_every)
             t0 = time.perf_counter()
             res = run_task(task, stall_timeout_s=args.stall_timeout)
             res["row_wall_s"] = time.perf_counter() - t0
