@@ -70,7 +70,7 @@ def train_auto(rank, world, *, steps, probe=None, trial="compressed", recheck=No
     state = tritter_comm.VSAState(**hook)
     ddp.register_comm_hook(state, tritter_comm.vsa_hook)
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
-    history, saved = [], None
+    history, link_bytes, saved = [], [], None
     for step in range(steps):
         x, y = W._data(rank, step, torch.float32)
         opt.zero_grad()
@@ -78,12 +78,14 @@ def train_auto(rank, world, *, steps, probe=None, trial="compressed", recheck=No
         opt.step()
         st = state.stats()
         history.append((st["auto"], st["buckets_compressed"], st["buckets_uncompressed"]))
+        link_bytes.append((st["bytes_sent_inter_node"], st["bytes_sent_intra_node"]))
         if checkpoint_at is not None and step + 1 == checkpoint_at:
             buf = io.BytesIO()
             torch.save(state.state_dict(), buf)
             saved = buf.getvalue()
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
     return {"params": flat.numpy().tobytes(), "stats": state.stats(), "history": history,
+            "link_bytes": link_bytes,
             "buckets": len(ddp.reducer._get_zeros_like_grad_buckets()), "saved": saved}
 
 
@@ -141,6 +143,29 @@ def test_forced_outcomes_and_ranks_that_disagree(world):
     end = 2 + PROBE + TRIAL - 1
     assert all(h[0] == {} for h in hist[:end])
     assert all(h[0] == st["auto"] for h in hist[end:])
+
+
+def test_two_links_compressed_is_the_node_aware_exchange():
+    # 4 ranks as 2 nodes of 2 (intra_node_size=2): auto's "compressed" is the node-aware
+    # exchange (plain inside the node, compressed across), its "plain" the all-reduce; both
+    # are counted by link, and the choice is the same on every rank
+    after = 3
+    hook = {**AUTO, "intra_node_size": 2}
+    per_step = {}
+    for choice in ("compressed", "plain"):
+        res = run(train_auto, 4, steps=2 + PROBE + TRIAL + after, probe=choice, trial=choice,
+                  hook=hook, timeout=240)
+        _same_everywhere(res, "params")
+        _same_everywhere(res, "history")
+        st = res[0]["stats"]
+        assert set(st["auto"].values()) == {choice}
+        assert st["bytes_sent"] == st["bytes_sent_inter_node"] + st["bytes_sent_intra_node"]
+        # the last step's bytes on each link, every rank
+        per_step[choice] = [tuple(a - b for a, b in zip(r["link_bytes"][-1], r["link_bytes"][-2]))
+                            for r in res]
+    for (c_inter, c_intra), (p_inter, p_intra) in zip(per_step["compressed"], per_step["plain"]):
+        assert 0 < c_inter < 0.2 * p_inter  # compressed across the slow link
+        assert c_intra > 0  # fp32 shards inside the node
 
 
 def test_trial_overrules_the_probe():
