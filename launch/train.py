@@ -79,6 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--phase-warmup", type=int, default=None,
                    help="--phase: real steps before the first prediction (default: "
                    "PhaseOptimizer's, 100)")
+    g.add_argument("--phase-gate-window", type=int, default=None, metavar="N",
+                   help="--phase: real steps whose measured prediction quality decides whether "
+                   "to predict at all (default: PhaseOptimizer's, 64; 0: predict without the "
+                   "gate)")
     g.add_argument("--diloco", type=int, default=None, metavar="H",
                    help="DiLoCo (tritter_comm.optim.DiLoCo): no DDP; each rank takes H AdamW "
                    "steps on its own data, then the replicas are averaged (--comm vsa: with the "
@@ -115,6 +119,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                 "not tested")
     if args.phase_warmup is not None and not args.phase:
         p.error("--phase-warmup applies to --phase")
+    if args.phase_gate_window is not None and not args.phase:
+        p.error("--phase-gate-window applies to --phase")
     if args.comm in ("fp16", "powersgd") and args.fsdp != "none":
         p.error(f"--comm {args.comm} is a DDP hook; with --fsdp use --comm none or vsa")
     if args.mode and args.comm != "vsa":
@@ -374,6 +380,8 @@ def main(argv=None) -> int:
             from tritter_comm.optim import PhaseOptimizer
 
             kw = {} if args.phase_warmup is None else {"warmup_steps": args.phase_warmup}
+            if args.phase_gate_window is not None:
+                kw["gate_window"] = args.phase_gate_window
             phase = PhaseOptimizer(opt, **kw)  # steps `opt`; checkpoints keep saving `opt` too
         diloco = None
         if args.diloco is not None:

@@ -101,8 +101,9 @@ def test_train_fsdp_vsa(kind, tmp_path):
 
 
 def test_phase_training_skips_backward_passes_and_resumes_exactly(tmp_path):
+    # without the gate: it would need 8 measured steps before its first predict phase
     common = ["--comm", "vsa", "--start-iter", "2", "--phase", "--phase-warmup", "3",
-              "--steps", "12", *SHORT]
+              "--phase-gate-window", "0", "--steps", "12", *SHORT]
     run(["bash", TORCHRUN_SH, *common, "--checkpoint-dir", tmp_path / "ck", "--checkpoint-every",
          "6", "--summary-json", tmp_path / "a.json"], PYTHON=sys.executable)
     run(["bash", TORCHRUN_SH, *common, "--resume", tmp_path / "ck" / "step_6",
@@ -115,6 +116,12 @@ def test_phase_training_skips_backward_passes_and_resumes_exactly(tmp_path):
     assert a["hook_stats"]["iter"] == st["backward_passes"]
     assert b["start"] == 6 and b["phase_stats"] == st
     assert b["params_sha256"] == a["params_sha256"]
+
+
+def test_phase_gate_window_needs_phase():
+    p = subprocess.run([sys.executable, ROOT / "launch" / "train.py", "--phase-gate-window", "0"],
+                       env=env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--phase-gate-window applies to --phase" in p.stderr
 
 
 def test_phase_needs_ddp():
