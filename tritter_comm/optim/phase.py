@@ -421,14 +421,19 @@ class PhaseOptimizer(OptimizerWrapper):
         """The cycle's mean loss and the quality, the same on every rank."""
         quality = self._last_quality if self._last_quality is not None else 1.0
         loss = self._cycle_loss / self._cycle_count if self._cycle_count else float("nan")
-        world = self._world()
-        if world > 1:
-            dev = self._groups[0].flat.device
-            t = torch.tensor([loss, quality], dtype=torch.float64, device=dev)
-            dist.all_reduce(t, group=self.process_group)
-            self._sync_bytes += 2 * (world - 1) * t.numel() * 8 // world
-            loss, quality = (t / world).tolist()
+        loss, quality = self._mean_over_ranks([loss, quality])
         return (None if loss != loss else loss), quality
+
+    def _mean_over_ranks(self, values: list[float]) -> list[float]:
+        """``values`` averaged over the process group (float64; one all-reduce, counted in
+        ``sync_bytes``); themselves when not distributed."""
+        world = self._world()
+        if world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self._groups[0].flat.device)
+        dist.all_reduce(t, group=self.process_group)
+        self._sync_bytes += 2 * (world - 1) * t.numel() * 8 // world
+        return (t / world).tolist()
 
     def _gate_open(self) -> bool:
         """Whether the measured prediction quality is above 0 by ``gate_sigmas`` standard errors
@@ -439,15 +444,9 @@ class PhaseOptimizer(OptimizerWrapper):
             var = math.fsum((x - mean) ** 2 for x in xs) / (len(xs) - 1)
             lower = mean - self.gate_sigmas * math.sqrt(var / len(xs))
         else:
-            lower = -math.inf
-        world = self._world()
-        if world > 1:  # every rank measured the same synchronized gradients; agree anyway
-            dev = self._groups[0].flat.device
-            t = torch.tensor([lower if lower > -math.inf else -1e300], dtype=torch.float64,
-                             device=dev)
-            dist.all_reduce(t, group=self.process_group)
-            self._sync_bytes += 2 * (world - 1) * t.numel() * 8 // world
-            lower = float(t.item()) / world
+            lower = -1e300  # closed (finite: it is averaged over the ranks)
+        # every rank measured the same synchronized gradients; agree anyway
+        (lower,) = self._mean_over_ranks([lower])
         self._gate_checks += 1
         self._gate_lower = lower if lower > -1e299 else None
         if lower > 0.0:
