@@ -256,7 +256,7 @@ def replay_exchanges(state, records):
     from tritter_comm.exchange import Exchange, Plan, Timers
 
     res, sres, outs = {}, {}, []
-    dtype = getattr(torch, state.config.residual_dtype)
+    dtype = getattr(torch, state.residual_format())
     for key, it, x in records:
         x = x.detach().cpu().clone()
         if it < state.start_iter or x.numel() < state.min_compress_numel:

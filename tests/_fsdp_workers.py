@@ -230,8 +230,9 @@ def train(rank, world, *, api="fsdp1", strategy="FULL_SHARD", steps=20, hook=Non
                     finite = all(bool(torch.isfinite(_local(p.grad)).all())
                                  for p in model.parameters() if p.grad is not None)
                     res = [*state.residuals.values(), *state.server_residuals.values()]
+                    dense = [r.dequantize() if hasattr(r, "dequantize") else r for r in res]
                     nonfinite.append((step, finite, all(bool(torch.isfinite(r).all())
-                                                        for r in res), len(res)))
+                                                        for r in dense), len(res)))
                     if not finite:
                         continue
                 opt.step()

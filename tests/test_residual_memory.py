@@ -101,11 +101,13 @@ def _shard_bytes(r, world):
 @pytest.mark.parametrize("world", [2, 4])
 def test_fsdp_residual_memory_against_the_shard(world, tmp_path):
     """At 2 and 4 ranks: fp32 residuals take ``world`` times the rank's fp32 gradient shard;
-    int4 at most 0.6x of it (int8 at 2 ranks too); replicas stay identical across ranks."""
+    int4 (the FSDP default, "auto") at most 0.6x of it (int8 at 2 ranks too); replicas stay
+    identical across ranks."""
     runs = {}
     for api in APIS:
-        runs[f"{api}-fp32"] = dict(api=api, steps=6, hook=HOOK)
+        runs[f"{api}-fp32"] = dict(api=api, steps=6, hook=dict(HOOK, residual_dtype="float32"))
         runs[f"{api}-int4"] = dict(api=api, steps=6, hook=dict(HOOK, residual_dtype="int4"))
+        runs[f"{api}-default"] = dict(api=api, steps=6, hook=HOOK)
         if world == 2:
             runs[f"{api}-int8"] = dict(api=api, steps=6, hook=dict(HOOK, residual_dtype="int8"))
     out = run(R.fsdp_suite, world, runs, timeout=240)
@@ -117,11 +119,16 @@ def test_fsdp_residual_memory_against_the_shard(world, tmp_path):
             if name.endswith("fp32"):
                 # every unit's full flat gradient (the root's small one stays uncompressed)
                 assert world * 0.9 <= frac <= world * 1.05, (name, frac)
-            elif name.endswith("int4"):
+            elif name.endswith(("int4", "default")):
                 # codes and scales, each shard padded to whole blocks of 64
                 assert 0 < frac <= min(0.75 * world / 4, 1.0), (name, frac)
             else:
                 assert 0 < frac <= min(1.25 * world / 4, 1.0), (name, frac)
+    for api in APIS:  # the default is int4: the same memory and the same training, bit for bit
+        for o in out:
+            assert o[f"{api}-default"]["stats"]["state_bytes"] == o[f"{api}-int4"]["stats"][
+                "state_bytes"]
+            assert o[f"{api}-default"]["full"] == o[f"{api}-int4"]["full"]
 
 
 @pytest.mark.parametrize("fmt", ["int4"])  # int8: the same path, other codes
@@ -144,12 +151,47 @@ def test_fsdp_narrow_residual_resumes_exactly(fmt, tmp_path):
             assert saved["format"] == fmt and saved["codes"].dtype in (torch.int8, torch.uint8)
 
 
+def test_a_residual_of_another_format_is_converted_not_reset():
+    """A checkpoint's fp32 residuals loaded into an int4 (or "auto" FSDP) state keep their
+    values to int4's precision; the configurations differ only in residual_dtype, which may."""
+    torch.manual_seed(0)
+    r = torch.randn(1000)
+    a = tritter_comm.VSAState(residual_dtype="float32")
+    a.residuals[3] = r.clone()
+    for fmt, fsdp in (("int4", False), ("auto", True), ("bfloat16", False)):
+        b = tritter_comm.VSAState(residual_dtype=fmt)
+        b.load_state_dict(a.state_dict())
+        got = b._residual(b.residuals, 3, 1000, "cpu", segment=250, fsdp=fsdp)
+        assert res.fmt_of(got) == b.residual_format(fsdp) != "float32"
+        dense = got.dequantize() if isinstance(got, res.QuantizedResidual) else got.float()
+        tol = {"int4": 1 / 7, "bfloat16": 1 / 128}[res.fmt_of(got)]
+        assert (dense - r).abs().max() <= tol * r.abs().max()
+        assert b.residuals[3] is got
+    # and back: an int4 checkpoint into a float32 state, exactly its dequantized values
+    c = tritter_comm.VSAState(residual_dtype="float32")
+    q = tritter_comm.VSAState(residual_dtype="int4")
+    q.load_state_dict(a.state_dict())
+    qr = q._residual(q.residuals, 3, 1000, "cpu")
+    c.load_state_dict(q.state_dict())
+    back = c._residual(c.residuals, 3, 1000, "cpu")
+    assert back.dtype == torch.float32 and torch.equal(back, qr.dequantize())
+
+
+def test_auto_resolves_by_hook():
+    s = tritter_comm.VSAState()
+    assert s.residual_dtype == "auto"
+    assert s.residual_format() == "float32" and s.residual_format(fsdp=True) == "int4"
+    for fmt in ("float32", "bfloat16", "int8", "int4"):
+        t = tritter_comm.VSAState(residual_dtype=fmt)
+        assert t.residual_format() == t.residual_format(fsdp=True) == fmt
+
+
 # -- DDP ------------------------------------------------------------------------------------------
 
 
 def test_ddp_int4_residual_is_under_a_quarter_of_the_gradient():
     """DDP with int4 residuals: client + server residuals at most 0.25x the fp32 gradient;
-    replicas identical; the default (fp32) state takes 1x plus the server's 1/N."""
+    replicas identical; the default (fp32 under DDP) state takes 1x plus the server's 1/N."""
     runs = {"fp32": dict(steps=6, hook=HOOK, width=256),
             "int4": dict(steps=6, hook=dict(HOOK, residual_dtype="int4"), width=256)}
     out = run(R.ddp_suite, 2, runs, timeout=240)

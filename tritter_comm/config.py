@@ -41,7 +41,7 @@ ENV_SPEC = "TRITTER_COMM"
 ENV_CONFIG = "TRITTER_COMM_CONFIG"
 HOOKS = ("vsa", "none")
 
-RESIDUAL_DTYPES = ("float32", "bfloat16", "int8", "int4")
+RESIDUAL_DTYPES = ("auto", "float32", "bfloat16", "int8", "int4")
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
@@ -97,12 +97,14 @@ class VSAConfig:
     auto: bool = _opt(False, "measure what plain and compressed exchange of each bucket cost on "
                       "this link and compress only where it is faster; every rank makes the "
                       "same choice (`stats()[\"auto\"]`)")
-    residual_dtype: str = _opt("float32", "how residuals are stored: `\"float32\"`; "
+    residual_dtype: str = _opt("auto", "how residuals are stored: `\"auto\"`: `\"int4\"` under "
+                               "the FSDP hooks, `\"float32\"` elsewhere; `\"float32\"`; "
                                "`\"bfloat16\"` (half the memory); `\"int8\"` or `\"int4\"` "
                                "(codes with one f32 scale per 64 elements: 0.27x and 0.14x of "
                                "fp32). A client residual covers the whole gradient, so under "
-                               "FSDP fp32 residuals take N times the rank's gradient shard; "
-                               "ranks may differ here", agreed=False)
+                               "FSDP fp32 residuals take N times the rank's gradient shard, "
+                               "int4 0.14 N times; ranks may differ here, and a checkpoint's "
+                               "residuals are converted to this format", agreed=False)
     intra_node_size: Optional[int] = _opt(None, "ranks a node (ranks `n*L .. n*L+L-1` share a fast "
                                           "link): reduce plainly inside the node and compress only "
                                           "across nodes (docs/USAGE.md, \"Node-aware exchange\"); "

@@ -162,7 +162,8 @@ def reduce_scatter(state: VSAState, inp: torch.Tensor, out: torch.Tensor, *, key
     x = inp.reshape(-1)
     x = x if x.dtype == torch.float32 else x.float()
     # a narrow residual starts a block of scales at every shard (they are not block-aligned)
-    res = (state._residual(state.residuals, key, plan.numel, x.device, segment=plan.chunk)
+    res = (state._residual(state.residuals, key, plan.numel, x.device, segment=plan.chunk,
+                           fsdp=True)
            if state.error_feedback else None)
     direct = out.dtype == torch.float32 and out.is_contiguous()
     acc = out.view(-1) if direct else torch.empty(plan.chunk, dtype=torch.float32,
@@ -188,10 +189,10 @@ def _all_reduce(state: VSAState, grad: torch.Tensor, key: int, world: int) -> No
                      MODES[state.phase2_mode])
     ex = _exchange(state, plan, group, key)
     x = grad if grad.dtype == torch.float32 else grad.float()
-    res = (state._residual(state.residuals, key, plan.numel, x.device)
+    res = (state._residual(state.residuals, key, plan.numel, x.device, fsdp=True)
            if state.error_feedback else None)
     lo, hi = plan.bounds(ex.rank)
-    sres = (state._residual(state.server_residuals, key, hi - lo, x.device)
+    sres = (state._residual(state.server_residuals, key, hi - lo, x.device, fsdp=True)
             if state.server_error_feedback and hi > lo else None)
     with _releasing(ex):
         ex.start(x, res)

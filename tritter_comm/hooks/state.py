@@ -274,8 +274,9 @@ class VSAState:
         saved = {"auto": False, "residual_dtype": "float32", "intra_node_size": None,
                  **state["config"]}
         saved.setdefault("phase2_mode", saved.get("mode"))  # one mode for both phases then
+        # residual_dtype may differ: the saved residuals are converted at their next use
         diff = {k: (v, saved.get(k)) for k, v in self.config.to_dict().items()
-                if saved.get(k) != v}
+                if saved.get(k) != v and k != "residual_dtype"}
         if diff:
             raise ValueError(
                 "checkpoint was saved with a different configuration "
@@ -313,19 +314,33 @@ class VSAState:
 
     # -- residuals ---------------------------------------------------------------------------
 
-    def _residual(self, store: dict, key: int, n: int, device,
-                  segment: Optional[int] = None) -> Optional[_res.Residual]:
-        """The residual ``store[key]`` of ``n`` elements on ``device``, made (zero) where it is
-        missing or of another size or format. ``segment``: the length of the chunks the
-        exchange slices it into, where they are not multiples of the codec's block (FSDP's
-        shards); a narrow residual (int8, int4) starts a block of scales at every one."""
+    def residual_format(self, fsdp: bool = False) -> str:
+        """The format residuals are stored in: ``residual_dtype``, with ``"auto"`` resolved
+        (``"int4"`` for the FSDP hooks, ``fsdp=True``; ``"float32"`` for the others)."""
         fmt = self.config.residual_dtype
+        if fmt == "auto":
+            return "int4" if fsdp else "float32"
+        return fmt
+
+    def _residual(self, store: dict, key: int, n: int, device,
+                  segment: Optional[int] = None, fsdp: bool = False) -> Optional[_res.Residual]:
+        """The residual ``store[key]`` of ``n`` elements on ``device``, made (zero) where it is
+        missing or of another size, converted where it is in another format (a checkpoint of
+        another ``residual_dtype``). ``segment``: the length of the chunks the exchange slices
+        it into, where they are not multiples of the codec's block (FSDP's shards); a narrow
+        residual (int8, int4) starts a block of scales at every one. ``fsdp``: asked by an
+        FSDP hook (``residual_format``)."""
+        fmt = self.residual_format(fsdp)
         r = store.get(key)
-        if r is not None and (r.numel() != n or _res.fmt_of(r) != fmt or (
+        if r is not None and r.numel() == n and _res.fmt_of(r) != fmt:
+            dense = r.dequantize() if isinstance(r, _res.QuantizedResidual) else r
+            r = _res.make(n, fmt, device, segment)
+            r.copy_(dense.to(device=device, dtype=torch.float32))
+            store[key] = r
+        if r is not None and (r.numel() != n or (
                 isinstance(r, _res.QuantizedResidual) and r.segment != (segment or n))):
             # The bucket layout changed (e.g. a resumed job before DDP's rebuild).
-            logger.info("bucket %d changed size (%d -> %d) or format: residual reset", key,
-                        r.numel(), n)
+            logger.info("bucket %d changed size (%d -> %d): residual reset", key, r.numel(), n)
             r = None
         if r is None:
             r = _res.make(n, fmt, device, segment)
