@@ -22,7 +22,8 @@ parameter all-gathers are the same in every FSDP row and not counted. The eval l
 rank 0 from the gathered full model; "replicas" compares the gathered model across ranks.
 
 Issue 19 (the memory of error feedback): rows take hook options, e.g.
-``fsdp1-vsa-ternary:residual_dtype=int4`` or ``:error_feedback=False``; every table shows the hook
+``fsdp1-vsa-ternary:residual_dtype=float32`` (the FSDP rows' default is int4) or
+``:error_feedback=False``; every table shows the hook
 state's memory a rank (``stats()["state_bytes"]``) against the rank's fp32 gradient shard and the
 model's own memory a rank, the gap against the same API's fp32-residual row, and a projection for
 a 7B model (arithmetic). ``--workloads transformer,digits`` (digits: one FSDP unit, the MLP);
@@ -36,7 +37,7 @@ Usage::
     python benchmarks/convergence_fsdp.py --quick         # smoke test
     python benchmarks/convergence_fsdp.py --modes none,fsdp2-none,fsdp2-vsa-int2 --seeds 0
     python benchmarks/convergence_fsdp.py --one-spawn --workloads digits --baseline fsdp1-none \
-        --modes fsdp1-none,fsdp1-vsa-ternary,fsdp1-vsa-ternary:residual_dtype=int4
+        --modes fsdp1-none,fsdp1-vsa-ternary,fsdp1-vsa-ternary:residual_dtype=float32
 """
 
 from __future__ import annotations
@@ -183,7 +184,10 @@ def _train_one(rank: int, task: convergence.Task, seed: int, q: Any) -> dict[str
     dist.barrier()
     out: dict[str, Any] = {"seed": seed, "rank": rank, "train_s": train_s,
                            "param_sha256": _digest(full), "fsdp_api": api,
-                           "numel": numel}  # workload_info counts FSDP1's shard
+                           "numel": numel,  # workload_info counts FSDP1's shard
+                           # how this state stored its residuals ("auto" resolved)
+                           "residual_format": (state.residual_format(fsdp=api is not None)
+                                               if state is not None else None)}
     if rank == 0:
         fp32 = (task.world - 1) / task.world * numel * 4  # an fp32 reduce-scatter
         if state is None:
@@ -305,6 +309,10 @@ def _residual_form(row: dict[str, Any]) -> str:
         return "-"
     if not opts.get("error_feedback", True):
         return "no EF"
+    seeds = row.get("seeds") or [{}]
+    if seeds[0].get("residual_format"):  # recorded from the hook state
+        return str(seeds[0]["residual_format"])
+    # rows measured before it was recorded, when the default was float32 everywhere
     return str(opts.get("residual_dtype", "float32"))
 
 
