@@ -174,7 +174,7 @@ class PhaseOptimizer(OptimizerWrapper):
             (default 64; 0: no gate, the schedule of earlier versions). A predict phase starts
             only when their mean is more than ``gate_sigmas`` standard errors above 0: above a
             skipped step's zero gradient. A closed gate is checked again every
-            ``GATE_RECHECK`` (8) real steps, with one two-float all-reduce under DDP.
+            ``GATE_RECHECK`` (8) real steps; each check is one one-float all-reduce under DDP.
         gate_sigmas: the gate's margin in standard errors of the mean (default 2.0: about
             97.7% one-sided confidence that the prediction points along the real gradient).
         predict_lr_scale: predicted steps run with every param group's ``lr`` multiplied by
