@@ -412,12 +412,20 @@ def format_table(workload: str, rows: list[dict[str, Any]]) -> str:
     for r in rows:
         if "exit_error" in r:
             lines.append(f"\n{r['mode']}: results kept, but {r['exit_error']}")
+        lines.extend(failure_lines([r]))
+    return "\n".join(lines)
+
+
+def failure_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The lines under a table for its skipped and failed rows (an error's last line)."""
+    lines = []
+    for r in rows:
         if "skipped" in r:
             lines.append(f"\nskipped {r['mode']}: {r['skipped']}")
         elif "error" in r:
             first = r["error"].strip().splitlines()
             lines.append(f"\nFAILED {r['mode']}: {first[-1] if first else '?'}")
-    return "\n".join(lines)
+    return lines
 
 
 def merge_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

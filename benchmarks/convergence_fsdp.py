@@ -384,12 +384,7 @@ def format_table(workload: str, rows: list[dict[str, Any]], world: int, baseline
             gap, _vs_fp32_residual(r, ok), convergence._fmt_bytes(hook), f"{frac:.2f}x",
             convergence._fmt_bytes(model_b),
             "identical" if r["replicas_identical"] else "DIFFER")) + " |")
-    for r in rows:
-        if "skipped" in r:
-            lines.append(f"\nskipped {r['mode']}: {r['skipped']}")
-        elif "error" in r:
-            first = r["error"].strip().splitlines()
-            lines.append(f"\nFAILED {r['mode']}: {first[-1] if first else '?'}")
+    lines.extend(convergence.failure_lines(rows))
     return "\n".join(lines)
 
 
