@@ -262,7 +262,13 @@ def main(argv: list[str] | None = None) -> None:
                     help="ranks: bodies summed in phase 2, chunks of an exchange")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--out", type=Path, default=_ROOT / "benchmarks" / "results" / "codec-cuda.json")
+    ap.add_argument("--tuning", type=Path, default=None,
+                    help="the kernels' variants (_triton_codec.tuning) from the JSON of "
+                         "benchmarks/codec_cuda_sweep.py --out")
     args = ap.parse_args(argv)
+    if args.tuning:
+        for kernel, v in json.loads(args.tuning.read_text())["tuning"].items():
+            _triton_codec.tuning[kernel].update(v)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.codec_cuda needs CUDA")
     sizes = [_parse_size(s) for s in args.sizes.split(",")]
@@ -276,9 +282,10 @@ def main(argv: list[str] | None = None) -> None:
     # or the torch ops, ran), so the figures say what they measured
     report = {"machine": _common.machine(
         gpu=torch.cuda.get_device_name(), encoder=encoder, world=args.world,
+        tuning=_triton_codec.tuning,
         kernels_not_built=sorted(str(k) for k in _triton_codec._broken)), **report}
-    print(f"## 1. codec kernels on {report['machine']['gpu']} ({encoder}), block "
-          f"{DEFAULT_BLOCK_SIZE}: ms, GB/s moved (reads + writes) and its fraction of a copy's; "
+    print(f"## 1. codec kernels on {report['machine']['gpu']} ({encoder}; variants "
+          f"{_triton_codec.tuning}), block {DEFAULT_BLOCK_SIZE}: ms, GB/s moved (reads + writes) and its fraction of a copy's; "
           f"sum = decode-and-sum of {args.world} bodies of a 1/{args.world} chunk (loop: body by "
           f"body, acc += tmp); enc+dec in GB/s of input")
     print(f"{'n':>6} {'dtype':>8} {'mode':>7} | {'enc ms':>7} {'GB/s':>6} {'copy':>5} | "

@@ -12,7 +12,10 @@ NaN and Inf: the poisoned body, the residual untouched, decided on the device) o
 (kernels that fail to build).
 OPTIONS, comma-separated: ``plain`` runs the kernels' plain build (codes one byte each, packed
 by the torch ops; butterflies for the levels) instead of the fast one; ``quick`` checks one
-length; ``sparse`` one dtype for each block size and mode, in turn. One process runs them all:
+length; ``sparse`` one dtype for each block size and mode, in turn; ``words`` the fast build's
+variants that hash the keys once a word and unpack the int2/sign codes from bytes loaded once
+(``_triton_codec.tuning``), ``dot`` the fast build with the levels' transform as matrix
+products (the default: butterflies). One process runs them all:
 the imports cost seconds. ``--cuda`` runs the kernels on a GPU instead (without
 TRITON_INTERPRET), against the same CPU references. ``--compile 90`` builds the kernels for
 sm_90 with ``triton.compile`` (no GPU needed, nor the interpreter).
@@ -343,8 +346,11 @@ def check_fallback(blogs):
 
     logging.getLogger("tritter_comm._triton_codec").addHandler(_H())
     enc, dec = tt._encode_kernel, tt._decode_kernel
+    # the decoder's fast build with the products, so that it differs from its plain build (by
+    # default both run the butterflies)
+    tt.tuning["decode"]["dot"] = True
     failures = {
-        "fast": lambda kw: kw["DOT"],  # the plain build runs
+        "fast": lambda kw: kw.get("PACK") or kw["DOT"],  # the plain build runs
         "tail": lambda kw: kw["TAIL"],  # full blocks on the kernels, the tail on the torch ops
         "all": lambda kw: True,  # the torch ops alone
         "off": None,  # TRITTER_COMM_TRITON=0
@@ -394,6 +400,7 @@ def check_fallback(blogs):
                       "broken": sorted(f"{k[0]} {k[1]} {'tail' if k[5] else 'full'}"
                                        for k in tt._broken)})
     tt._broken.clear()
+    tt.tuning["decode"]["dot"] = False
     return cases
 
 
@@ -413,7 +420,9 @@ def compile_for(arch: int) -> list:
         return ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()})
 
     cases = []
-    for blog, mode, dt, tail, fast in ((12, 0, "bf16", False, True), (8, 2, "fp16", True, True)):
+    for blog, mode, dt, tail, dot, words in ((12, 0, "bf16", False, False, False),
+                                             (8, 2, "fp16", True, False, False),
+                                             (10, 2, "fp32", False, True, True)):
         shape = tt._shape(blog, mode)
         p = tt._next_pow2(-(-shape["L"] // tt._PER_BYTE[mode]))
         for kind, fn, pointers, consts in (
@@ -421,9 +430,10 @@ def compile_for(arch: int) -> list:
              {"x_ptr": f"*{dt}", "e_ptr": f"*{dt}", "out_ptr": "*u8", "codes_ptr": "*u8",
               "flag_ptr": "*u8"},
              # with the device's non-finite flag, as the exchange runs it (issue 16)
-             dict(HAS_RES=True, HAS_FLAG=True, TAIL=tail, PACK=fast, DOT=fast, P=p, **shape)),
+             dict(HAS_RES=True, HAS_FLAG=True, TAIL=tail, PACK=True, DOT=dot, P=p, KEYW=words,
+                  **shape)),
             ("decode", tt._decode_kernel, {"body_ptr": "*u8", "out_ptr": f"*{dt}"},
-             dict(TAIL=tail, DOT=fast, AVERAGE=dt == "fp32", **shape)),
+             dict(TAIL=tail, DOT=dot, AVERAGE=dt == "fp32", KEYW=words, UNPK=words, **shape)),
         ):
             try:
                 src = source(fn, pointers, consts)
@@ -432,7 +442,7 @@ def compile_for(arch: int) -> list:
             k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                options={"enable_fp_fusion": False,
                                         "num_warps": tt._num_warps(kind, shape["L"])})
-            cases.append({"case": [kind, shape["L"], mode, dt, tail, fast],
+            cases.append({"case": [kind, shape["L"], mode, dt, tail, dot, words],
                           "ok": bool(k.asm.get("cubin"))})
     return cases
 
@@ -450,6 +460,9 @@ def main() -> None:
         section, blogs, *opts = job.split(":")
         opts = opts[0].split(",") if opts else []
         tt._BUILDS = ("plain",) if "plain" in opts else ("fast", "plain")
+        for kernel in ("encode", "decode"):
+            tt.tuning[kernel].update(key_words="words" in opts, dot="dot" in opts)
+        tt.tuning["decode"]["unpack_bytes"] = "words" in opts
         QUICK = "quick" in opts
         SPARSE = "sparse" in opts
         tt._broken.clear()

@@ -25,15 +25,18 @@ The transform of the integer levels (decode, and the residual's ``xhat``) is exa
 order; with ``DOT`` it runs as two matrix products ``H_A (V H_B)`` (``V`` the levels as an
 ``(A, B)`` matrix, B <= 64), exact with f32, TF32 or bf16 inputs: every input is an integer of
 at most 8 significant bits (levels, +-1, and the first product's sums, |s| <= 3 * 64), every
-sum an integer below 2^24 (as in ``_torch_codec._wht_levels``); otherwise as the butterflies.
+sum an integer below 2^24 (as in ``_torch_codec._wht_levels``); otherwise as the butterflies,
+which is the default: on an H200 the products' registers and shared memory cost more than the
+butterflies save (``tuning``, benchmarks/codec_cuda_sweep.py).
 bf16 and fp16 are read and written directly: conversion to f32 is exact, and back rounds to
 nearest even, with NaN kept a quiet NaN as the Rust codec does (``_round``). The kernels are
 compiled with ``enable_fp_fusion=False`` so that no multiply and add are fused.
 
-Each kernel has two builds: the fast one (``DOT``; the encoder packs the codes itself, the
-ternary five to a byte with ``tl.gather``), and the plain one (butterflies; the encoder writes
-codes one byte each, packed by ``_torch_codec._pack``): a compiler that cannot build the first
-falls back to the second, and one that builds neither to the torch ops, each logged once.
+Each kernel has two builds: the fast one (the encoder packs the codes itself, the ternary five
+to a byte with ``tl.gather``; the variants of ``tuning``), and the plain one (butterflies; the
+encoder writes codes one byte each, packed by ``_torch_codec._pack``): a compiler that cannot
+build the first falls back to the second, and one that builds neither to the torch ops, each
+logged once.
 ``TRITON_INTERPRET=1`` runs the kernels on CPU tensors, which is how the tests check them where
 there is no GPU.
 """
@@ -65,6 +68,15 @@ launches = 0
 _broken: dict = {}  # (kernel, build, block, mode, dtypes, tail) that failed to build: reason
 _PER_BYTE = (5, 8, 4)  # codes per packed byte: ternary, sign, int2
 _BUILDS = ("fast", "plain")  # (packed codes, DOT) and (codes one byte each, butterflies)
+# Variants of each kernel's fast build that give the same bits, for benchmarks/codec_cuda_sweep.py
+# to time on a GPU: warps a program (None: ``_num_warps``), the keys hashed once a 32-bit word
+# and spread to its 32 positions (instead of once a position), the int2/sign codes unpacked from
+# the block's bytes loaded once (instead of a byte load a position), and the levels' transform
+# as the matrix products (False: the butterflies). The defaults are the fastest of that sweep on
+# an H200 at block 1024 (64M fp32 int2: encode 0.374 ms, decode 0.186 ms, against 0.751 and
+# 0.450 with 4 warps and the products; every variant gave the same bits).
+tuning = {"encode": {"warps": None, "key_words": False, "dot": False},
+          "decode": {"warps": None, "key_words": False, "unpack_bytes": False, "dot": False}}
 
 
 def available(device: torch.device, block: int) -> bool:
@@ -97,6 +109,19 @@ if triton is not None:
         w = _mix32(w + k2.to(tl.uint32))
         bit = ((w >> (pos & 31).to(tl.uint32)) & 1).to(tl.float32)
         return bit * -2.0 + 1.0
+
+    @triton.jit
+    def _block_keys(row, pos, k1, k2, L: tl.constexpr, KEYW: tl.constexpr):
+        """``_keys(pos)`` of block ``row`` (``pos = row * L + arange(L)``); with ``KEYW`` each
+        of the block's ``L / 32`` words hashed once and its bits spread to their positions."""
+        if KEYW:
+            w = (row * (L // 32) + tl.arange(0, L // 32)).to(tl.uint32)
+            w = _mix32(w ^ k1.to(tl.uint32))
+            w = _mix32(w + k2.to(tl.uint32))
+            bit = (w[:, None] >> tl.arange(0, 32).to(tl.uint32)[None, :]) & 1
+            return tl.reshape(bit.to(tl.float32) * -2.0 + 1.0, (L,))
+        else:
+            return _keys(pos, k1, k2)
 
     @triton.jit
     def _wht(z, L: tl.constexpr, LOG2: tl.constexpr):
@@ -208,6 +233,23 @@ if triton is not None:
             return (q >> (2 * d)) & 3
 
     @triton.jit
+    def _unpack_bytes(pk, nbytes, L: tl.constexpr, MODE: tl.constexpr, PER: tl.constexpr,
+                      MASKED: tl.constexpr):
+        """``_unpack`` of a whole block in the sign and int2 modes (``PER`` divides ``L``): the
+        ``L / PER`` bytes loaded once, each spread to its ``PER`` codes."""
+        j = tl.arange(0, L // PER)
+        if MASKED:
+            q = tl.load(pk + j, mask=j < nbytes, other=0).to(tl.int32)
+        else:
+            q = tl.load(pk + j).to(tl.int32)
+        d = tl.arange(0, PER)[None, :]
+        if MODE == 1:
+            c = (q[:, None] >> d) & 1
+        else:
+            c = (q[:, None] >> (2 * d)) & 3
+        return tl.reshape(c, (L,))
+
+    @triton.jit
     def _levels(codes, MODE: tl.constexpr):
         c = codes.to(tl.float32)
         if MODE == 0:
@@ -231,7 +273,8 @@ if triton is not None:
                        HAS_RES: tl.constexpr, HAS_FLAG: tl.constexpr, TAIL: tl.constexpr,
                        PACK: tl.constexpr,
                        DOT: tl.constexpr, A: tl.constexpr, BC: tl.constexpr,
-                       PER: tl.constexpr, PB: tl.constexpr, P: tl.constexpr):
+                       PER: tl.constexpr, PB: tl.constexpr, P: tl.constexpr,
+                       KEYW: tl.constexpr = False):
         if TAIL:  # the one tail block, of tlen (a power of two < L) with n - nfull L elements
             row = nfull.to(tl.int64)
         else:
@@ -250,7 +293,7 @@ if triton is not None:
             if HAS_RES:
                 u = u + tl.load(e_ptr + pos).to(tl.float32)
             blen = L * 1.0
-        key = _keys(pos, k1, k2)
+        key = _block_keys(row, pos, k1, k2, L, KEYW)
         z = _wht(u * key, L, LOG2)
         a = tl.abs(z)
         if TAIL:  # past the block, z holds copies of its values: out of every sum and count
@@ -320,14 +363,19 @@ if triton is not None:
                 tl.store(e_ptr + pos, e)
 
     @triton.jit
-    def _decode_one(body, row, offs, key, inblk, pk0, L: tl.constexpr, LOG2: tl.constexpr,
-                    MODE: tl.constexpr, TAIL: tl.constexpr, DOT: tl.constexpr,
-                    A: tl.constexpr, BC: tl.constexpr, PER: tl.constexpr, PB: tl.constexpr):
+    def _decode_one(body, row, offs, key, inblk, tlen, pk0, L: tl.constexpr,
+                    LOG2: tl.constexpr, MODE: tl.constexpr, TAIL: tl.constexpr,
+                    DOT: tl.constexpr, A: tl.constexpr, BC: tl.constexpr, PER: tl.constexpr,
+                    PB: tl.constexpr, UNPK: tl.constexpr):
         """``xhat = (WHT(level) * scale) * key`` of block ``row`` of the body at ``body``."""
         sb = tl.arange(0, 4)
         b = tl.load(body + 4 * row + sb).to(tl.uint32)
         scale = tl.sum(b << (8 * sb).to(tl.uint32), axis=0).to(tl.float32, bitcast=True)
-        codes = _unpack(body + pk0 + row * PB, offs, MODE, PER, inblk, TAIL)
+        if UNPK and MODE != 0:
+            codes = _unpack_bytes(body + pk0 + row * PB, (tlen + PER - 1) // PER, L, MODE, PER,
+                                  TAIL)
+        else:
+            codes = _unpack(body + pk0 + row * PB, offs, MODE, PER, inblk, TAIL)
         level = _levels(codes, MODE)
         if TAIL:
             level = tl.where(inblk, level, 0.0)
@@ -339,7 +387,8 @@ if triton is not None:
                        L: tl.constexpr, LOG2: tl.constexpr, MODE: tl.constexpr,
                        TAIL: tl.constexpr, DOT: tl.constexpr, A: tl.constexpr,
                        BC: tl.constexpr, PER: tl.constexpr, PB: tl.constexpr,
-                       AVERAGE: tl.constexpr):
+                       AVERAGE: tl.constexpr, KEYW: tl.constexpr = False,
+                       UNPK: tl.constexpr = False):
         if TAIL:
             row = nfull.to(tl.int64)
         else:
@@ -347,15 +396,15 @@ if triton is not None:
         offs = tl.arange(0, L)
         pos = row * L + offs
         inblk = offs < tlen
-        key = _keys(pos, k1, k2)
+        key = _block_keys(row, pos, k1, k2, L, KEYW)
         dtype = out_ptr.dtype.element_ty
         # acc = decode(body 0); acc += decode(body j) for j = 1..: in the output's dtype
-        acc = _rounded(_decode_one(body_ptr, row, offs, key, inblk, pk0, L, LOG2, MODE, TAIL,
-                                   DOT, A, BC, PER, PB), dtype)
+        acc = _rounded(_decode_one(body_ptr, row, offs, key, inblk, tlen, pk0, L, LOG2, MODE,
+                                   TAIL, DOT, A, BC, PER, PB, UNPK), dtype)
         stride64 = stride.to(tl.int64)  # N slots may pass 2^31 bytes
         for j in range(1, nbodies):
-            xhat = _decode_one(body_ptr + j * stride64, row, offs, key, inblk, pk0,
-                               L, LOG2, MODE, TAIL, DOT, A, BC, PER, PB)
+            xhat = _decode_one(body_ptr + j * stride64, row, offs, key, inblk, tlen, pk0,
+                               L, LOG2, MODE, TAIL, DOT, A, BC, PER, PB, UNPK)
             acc = _rounded(acc + _rounded(xhat, dtype), dtype)
         if AVERAGE:  # f32 only (checked by the caller): IEEE division, as acc / N on a CPU
             acc = tl.div_rn(acc, nbodies.to(tl.float32))
@@ -385,16 +434,16 @@ def _shape(block_log2: int, mode: int) -> dict:
                 PER=_PER_BYTE[mode], PB=pb)
 
 
+_DECODE_FLAGS = {"DOT": "dot", "KEYW": "key_words", "UNPK": "unpack_bytes"}
+
+
 def _num_warps(kernel: str, length: int) -> int:
-    """Warps a program: from the registers of an sm_90 build (``triton.compile`` for
-    ``GPUTarget("cuda", 90, 32)``), the most that spill none; not timed on a GPU. The encoder
-    uses at most 124 registers a thread at 4 warps up to 1024, 120 at 8 for 2048 and 115 at 16
-    for 4096; the decoder 159 at 4, and 188 at 8 for 2048 and 4096 (16 would spill)."""
-    if length <= 1024:
-        return 4
-    if kernel == "encode" and length >= 4096:
-        return 16
-    return 8
+    """Warps a program (``tuning[kernel]["warps"]`` where set): one per 512 elements of the
+    block, at least one. At block 1024 two warps ran fastest of 2, 4, 8 and 16 on an H200 (both
+    kernels, butterflies; benchmarks/codec_cuda_sweep.py); the other sizes keep 16 elements a
+    thread, which an sm_90 build (``triton.compile`` for ``GPUTarget("cuda", 90, 32)``,
+    ``cuobjdump -res-usage``) gives 64 to 158 registers a thread and no spills, untimed."""
+    return tuning[kernel]["warps"] or max(1, length // 512)
 
 
 def _failed(case: tuple, err: Exception) -> None:
@@ -430,7 +479,9 @@ def _encode_launch(x, residual, out, *, tail: bool, nfull: int, n: int, tlen: in
                 poison if poison is not None else x, _i32(k1), _i32(k2),
                 nfull, n, tlen, pk0, HAS_RES=residual is not None,
                 HAS_FLAG=poison is not None, TAIL=tail, PACK=fast,
-                DOT=fast, P=_next_pow2(-(-length // _PER_BYTE[mode])), **shape,
+                DOT=fast and tuning["encode"]["dot"],
+                KEYW=fast and tuning["encode"]["key_words"],
+                P=_next_pow2(-(-length // _PER_BYTE[mode])), **shape,
                 num_warps=_num_warps("encode", length), enable_fp_fusion=False,
             )
         except _build_errors() as err:
@@ -504,7 +555,8 @@ def decode_into(bodies: torch.Tensor, out: torch.Tensor, *, nbodies: int, stride
             try:
                 _decode_kernel[(rows,)](
                     bodies, out, _i32(k1), _i32(k2), nfull, n, tlen, pk0, nbodies, stride,
-                    TAIL=tail, DOT=build == "fast", AVERAGE=average, **shape,
+                    TAIL=tail, AVERAGE=average, **{k: build == "fast" and tuning["decode"][v]
+                                                   for k, v in _DECODE_FLAGS.items()}, **shape,
                     num_warps=_num_warps("decode", length), enable_fp_fusion=False,
                 )
             except _build_errors() as err:
