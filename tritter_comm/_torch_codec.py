@@ -397,7 +397,10 @@ def _encode_ops(x, residual, out, *, lo: int, k1: int, k2: int, mode: int,
 
     s0 = 4 * (lo // b)
     p0 = 4 * nb + (lo // b) * _packed_nbytes(b, mode)
-    sbits = torch.cat(scales).view(torch.int32)
+    scale_all = torch.cat(scales)
+    # a NaN scale (NaN input with the check off) as the one NaN of a poisoned body: the bits of
+    # a NaN an operation makes differ between a CPU and a GPU, the body's bytes may not
+    sbits = torch.where(torch.isnan(scale_all), _NAN_BITS, scale_all.view(torch.int32))
     codes_packed = torch.cat(packed)
     if poison is not None:  # the poisoned body: NaN scales, zero codes
         sbits = torch.where(poison.bool(), _NAN_BITS, sbits)

@@ -324,7 +324,8 @@ if triton is not None:
             codes = pos_ * 2 + (pos_ == big.to(tl.int32)).to(tl.int32)
         if TAIL:
             codes = tl.where(inblk, codes, 0)  # codes past the block count as 0 when packed
-        sbits = scale.to(tl.uint32, bitcast=True)
+        # a NaN scale as _torch_codec writes it (the NaN an operation makes is the device's own)
+        sbits = tl.where(scale != scale, 0x7FC00000, scale.to(tl.uint32, bitcast=True))
         if HAS_FLAG:  # non-finite input (flag set on the device): the poisoned body
             bad = tl.load(flag_ptr) != 0
             res_codes = codes  # the residual is not stored when bad: any codes do
