@@ -92,7 +92,10 @@ INT4_BLOCK = 128
 # feedback / warm start, because DDP rebuilds its buckets after the first step).
 POWERSGD_START_ITER = 2
 POWERSGD_MIN_COMPRESSION_RATE = 2.0  # PyTorch's default
-_ONE_BUCKET_MB = 1024  # larger than any model here: DDP then makes exactly one bucket
+# larger than any model (1 TiB): DDP then makes exactly one bucket. It was 1024, which the 303M
+# "xl" transformer (1.21 GB of fp32 gradients) passed: two buckets, and on GPU ranks gloo
+# aborted on a collective mismatch (issue 16's H200 run); register() now refuses that.
+_ONE_BUCKET_MB = 1 << 20
 
 
 class HookUnavailable(RuntimeError):
@@ -166,6 +169,16 @@ def register(
         unknown = set(kw) - {"start_iter", "min_compression_rate", "seed"}
         if unknown:
             raise ValueError(f"unknown PowerSGD options {sorted(unknown)}")
+        grad_bytes = sum(p.numel() * p.element_size() for p in ddp_model.parameters()
+                         if p.requires_grad)
+        cap = getattr(ddp_model, "bucket_bytes_cap", None)
+        if cap is not None and cap < grad_bytes:
+            raise ValueError(
+                f"mode {comm!r} needs DDP built with one bucket: its bucket cap is {cap:,} bytes "
+                f"for {grad_bytes:,} bytes of gradients; build DDP with "
+                f"bucket_cap_mb=bucket_cap_mb_for({comm!r}) (PyTorch's PowerSGD hook issues "
+                "collectives from future callbacks, which with two buckets can reach the "
+                "ranks in different orders: a hang or an abort on gloo)")
         state = psgd.PowerSGDState(
             process_group=process_group,
             matrix_approximation_rank=POWERSGD_RANKS[comm],

@@ -83,3 +83,18 @@ def train(rank: int, world: int, mode: str, steps: int) -> dict:
            "buckets": len(ddp.reducer._get_zeros_like_grad_buckets())}
     del ddp
     return out
+
+
+def powersgd_bucket_check(rank: int, world: int) -> dict:
+    """``register`` for PowerSGD on DDP built with DDP's default bucket cap (25 MiB) over a
+    model of 32 MiB of gradients: refused; built with ``bucket_cap_mb_for``: registered."""
+    model = nn.Sequential(nn.Linear(2048, 2048), nn.Linear(2048, 2048))
+    out = {}
+    try:
+        comm.register(DDP(model), "powersgd4")
+        out["default_cap"] = "registered"
+    except ValueError as err:
+        out["default_cap"] = str(err)
+    comm.register(DDP(model, bucket_cap_mb=comm.bucket_cap_mb_for("powersgd4")), "powersgd4")
+    out["one_bucket"] = "registered"
+    return out

@@ -49,3 +49,11 @@ def test_ddp_replicas_identical_with_many_buckets(mode):
         assert r["stats"]["steps"] == steps
         assert r["stats"]["bytes_sent"] == r["counted"]
         assert r["per_step"] == r["counted"] / steps
+
+
+def test_powersgd_refuses_ddp_with_more_than_one_bucket():
+    # PyTorch's PowerSGD hook on gloo with two buckets can hang or abort (issue 16's H200 run:
+    # the 303M model passed the old 1024 MB cap)
+    res = run(W.powersgd_bucket_check, 1, timeout=120)
+    assert "needs DDP built with one bucket" in res[0]["default_cap"], res[0]
+    assert res[0]["one_bucket"] == "registered"
