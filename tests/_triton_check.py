@@ -348,6 +348,7 @@ def check_fallback(blogs):
     enc, dec = tt._encode_kernel, tt._decode_kernel
     # the decoder's fast build with the products, so that it differs from its plain build (by
     # default both run the butterflies)
+    dot = tt.tuning["decode"]["dot"]
     tt.tuning["decode"]["dot"] = True
     failures = {
         "fast": lambda kw: kw.get("PACK") or kw["DOT"],  # the plain build runs
@@ -400,7 +401,7 @@ def check_fallback(blogs):
                       "broken": sorted(f"{k[0]} {k[1]} {'tail' if k[5] else 'full'}"
                                        for k in tt._broken)})
     tt._broken.clear()
-    tt.tuning["decode"]["dot"] = False
+    tt.tuning["decode"]["dot"] = dot
     return cases
 
 

@@ -67,7 +67,7 @@ MIN_BLOCK, MAX_BLOCK = 256, 4096
 launches = 0
 _broken: dict = {}  # (kernel, build, block, mode, dtypes, tail) that failed to build: reason
 _PER_BYTE = (5, 8, 4)  # codes per packed byte: ternary, sign, int2
-_BUILDS = ("fast", "plain")  # (packed codes, DOT) and (codes one byte each, butterflies)
+_BUILDS = ("fast", "plain")  # (packed codes, ``tuning``) and (codes one byte each, butterflies)
 # Variants of each kernel's fast build that give the same bits, for benchmarks/codec_cuda_sweep.py
 # to time on a GPU: warps a program (None: ``_num_warps``), the keys hashed once a 32-bit word
 # and spread to its 32 positions (instead of once a position), the int2/sign codes unpacked from
