@@ -286,7 +286,8 @@ def main(argv: list[str] | None = None) -> None:
         kernels_not_built=sorted(str(k) for k in _triton_codec._broken)), **report}
     print(f"## 1. codec kernels on {report['machine']['gpu']} ({encoder}; variants "
           f"{_triton_codec.tuning}), block {DEFAULT_BLOCK_SIZE}: ms, GB/s moved (reads + "
-          f"writes) and its fraction of a copy's; sum = decode-and-sum of {args.world} bodies of a 1/{args.world} chunk (loop: body by "
+          f"writes) and its fraction of a copy's; sum = decode-and-sum of {args.world} bodies "
+          f"of a 1/{args.world} chunk (loop: body by "
           f"body, acc += tmp); enc+dec in GB/s of input")
     print(f"{'n':>6} {'dtype':>8} {'mode':>7} | {'enc ms':>7} {'GB/s':>6} {'copy':>5} | "
           f"{'dec ms':>7} {'GB/s':>6} {'copy':>5} | {'sum ms':>7} {'GB/s':>6} {'copy':>5} "
