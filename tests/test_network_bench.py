@@ -73,3 +73,20 @@ def test_gpu_targets():
         "vsa >= 1.5x faster than powersgd4, 1 Gbit/s, large, 2 ranks, GPU": False,
         "vsa >= 2x faster than none, 10 Gbit/s, large, 2 ranks, GPU": False,
     }
+
+
+def test_every_row_is_a_comm_mode_and_peers_have_rows():
+    from benchmarks import comm
+
+    for label, (name, _) in run.MODES.items():
+        assert name in comm.MODES, label
+    assert {"bf16", "powersgd4", "fp8-2phase", "int4-2phase", "vsa"} <= set(run.MODES)
+
+
+def test_time_to_target_trains_the_runs_modes_but_not_auto_rows():
+    assert run.ttt_modes(["none", "bf16", "fp8-2phase", "vsa", "vsa+auto"]) == [
+        "none", "bf16", "fp8-2phase", "vsa"]
+    # hook rows before this start_iter run at no hook's step time
+    from tritter_comm import VSAConfig
+
+    assert run._hook_default_start() == VSAConfig().start_iter

@@ -49,32 +49,16 @@ def _append(path: str, record: dict[str, Any]) -> None:
 
 _BUILD: dict[str, Any] = {}
 
-# Modes this benchmark adds to comm.MODES. bf16: PyTorch's bf16_compress_hook, an all-reduce of
-# 2-byte elements, counted as comm counts fp16's.
-LOCAL_MODES = ("bf16",)
-
-
 def _bucket_cap_mb(name: str) -> float | None:
-    return None if name in LOCAL_MODES else comm.bucket_cap_mb_for(name)
+    return comm.bucket_cap_mb_for(name)
 
 
 def _register(ddp: DDP, name: str, options: dict[str, Any]) -> object | None:
-    if name in comm.MODES:  # comm.py's own entry first, where it has one
-        return comm.register(ddp, name, **options)
-    if name == "bf16":
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-        if options:
-            raise ValueError(f"mode 'bf16' takes no options, got {sorted(options)}")
-        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
-        return None
-    raise ValueError(f"unknown comm mode {name!r}")
+    return comm.register(ddp, name, **options)
 
 
 def _bytes_per_step(name: str, ddp: DDP, state: object | None, since: Any) -> float:
-    if name in comm.MODES:
-        return comm.bytes_per_step(name, ddp, state, since=since)
-    return comm.fp32_allreduce_bytes(ddp) / 2  # bf16: as fp16
+    return comm.bytes_per_step(name, ddp, state, since=since)
 
 
 def _param_digest(model: torch.nn.Module) -> str:

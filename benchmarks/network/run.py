@@ -103,8 +103,12 @@ HOOK_START = 2
 MODES = {
     "none": ("none", {}),
     "fp16": ("fp16", {}),
-    "bf16": ("bf16", {}),  # PyTorch's bf16_compress_hook (rank.LOCAL_MODES)
+    "bf16": ("bf16", {}),  # PyTorch's bf16_compress_hook
     "powersgd4": ("powersgd4", {}),  # one bucket (comm.bucket_cap_mb_for)
+    # the two-phase peers (comm.py: torchft's fp8 pattern, ZeRO++ qgZ-like int4); no start_iter:
+    # they compress from the first step
+    "fp8-2phase": ("fp8-2phase", {}),
+    "int4-2phase": ("int4-2phase", {}),
     "vsa": ("vsa", {"start_iter": HOOK_START}),  # VSAConfig's defaults (int2)
     "vsa-ternary": ("vsa-ternary", {"start_iter": HOOK_START}),
     "vsa-sign": ("vsa-sign", {"start_iter": HOOK_START}),
@@ -114,7 +118,12 @@ MODES = {
 # --modes default: the rows of the CPU runs so far (the full matrix's run time stays as it was)
 DEFAULT_MODES = ("none", "fp16", "powersgd4", "vsa-ternary", "vsa-sign", "vsa-ternary+auto")
 STATELESS = ("none", "fp16", "bf16")
-TTT_MODES = ("none", "fp16", "powersgd4", "vsa-ternary", "vsa-sign")
+
+
+def ttt_modes(modes: list[str]) -> list[str]:
+    """The run's modes that the time-to-target run trains: all but the ``+auto`` rows, whose
+    choice depends on the link (their label is the comm name of convergence.py)."""
+    return [m for m in modes if not MODES[m][1].get("auto")]
 # The load of a shared machine drifts by tens of percent within minutes, more than the
 # differences measured here; so every mode is timed step for step beside a no-hook model in the
 # same processes, and its speedup is the median of the per-step ratios. Not where a no-hook
@@ -255,11 +264,12 @@ def _free_port() -> int:
 # ----------------------------------------------------------------------------- time to target
 
 
-def run_ttt(args: argparse.Namespace, net: Optional[netns.Network], workdir: Path) -> dict:
+def run_ttt(args: argparse.Namespace, net: Optional[netns.Network], workdir: Path,
+            modes: list[str]) -> dict:
     """Eval-loss curves of the small transformer per mode (benchmarks/convergence.py)."""
     out = workdir / "ttt.json"
     cmd = [sys.executable, str(_ROOT / "benchmarks" / "convergence.py"), "--workloads",
-           "transformer", "--modes", ",".join(TTT_MODES), "--seeds", "0", "--steps",
+           "transformer", "--modes", ",".join(ttt_modes(modes)), "--seeds", "0", "--steps",
            str(args.ttt_steps), "--out", str(out)]
     if net is not None:  # its ranks use 127.0.0.1: run them on the namespace's own loopback
         cmd = netns.exec_prefix(net.ns(0)) + cmd
@@ -287,11 +297,9 @@ def run_ttt(args: argparse.Namespace, net: Optional[netns.Network], workdir: Pat
 
 
 def _hook_default_start() -> int:
-    import inspect
+    from tritter_comm import VSAConfig
 
-    from tritter_comm.hooks import VSAState
-
-    return inspect.signature(VSAState.__init__).parameters["start_iter"].default
+    return VSAConfig().start_iter
 
 
 # -------------------------------------------------------------------------------------- main
@@ -489,7 +497,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                                       flush=True)
                             print(f"    ({time.perf_counter() - t0:.0f} s)", flush=True)
                     if (not args.no_ttt and world == 2 and "small" in wls):
-                        ttt = run_ttt(args, net, workdir)
+                        try:
+                            ttt = run_ttt(args, net, workdir, modes)
+                        except Exception as e:  # keep the step times measured so far
+                            ttt = {"error": f"{type(e).__name__}: {e}"}
+                            print(f"time to target FAILED: {ttt['error']}", flush=True)
                 finally:
                     _end_children()
                     if net is not None:
