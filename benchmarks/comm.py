@@ -352,6 +352,48 @@ def two_phase_wire_bytes(numel: int, world: int, codec: Any) -> int:
     return 2 * (world - 1) * codec.payload_bytes(_chunk_numel(numel, world, codec.group))
 
 
+class _TwoPhase:
+    """One :func:`two_phase_average` of flat ``x``, in the steps a pipelined hook interleaves:
+    the constructor encodes and launches the ``all_to_all``; :meth:`phase2` waits for it, sums
+    the N decoded payloads in fp32 in rank order, divides by N, re-quantizes and launches the
+    ``all_gather``; :meth:`finish` waits for that and decodes every rank's chunk. Every buffer a
+    collective in flight reads or writes is held here until it is waited for."""
+
+    __slots__ = ("codec", "group", "world", "n", "chunk", "size", "send", "recv", "mine",
+                 "gathered", "work")
+
+    def __init__(self, x: torch.Tensor, codec: Any, group: Any = None):
+        self.codec, self.group = codec, group
+        self.world = world = dist.get_world_size(group)
+        self.n = x.numel()
+        self.chunk = chunk = _chunk_numel(self.n, world, codec.group)
+        flat = torch.zeros(chunk * world, dtype=torch.float32, device=x.device)
+        flat[:self.n] = x.reshape(-1)
+        self.size = codec.payload_bytes(chunk)
+        self.send = torch.cat([codec.encode(c) for c in flat.view(world, chunk)])
+        self.recv = torch.empty_like(self.send)
+        self.mine = self.gathered = None
+        self.work = dist.all_to_all_single(self.recv, self.send, group=group, async_op=True)
+
+    def phase2(self) -> None:
+        self.work.wait()
+        total = torch.zeros(self.chunk, dtype=torch.float32, device=self.recv.device)
+        for payload in self.recv.view(self.world, self.size):  # rank order: the same sum
+            total += self.codec.decode(payload, self.chunk)
+        self.send = self.recv = None
+        self.mine = self.codec.encode(total.div_(self.world))
+        self.gathered = torch.empty(self.world * self.size, dtype=torch.uint8,
+                                    device=self.mine.device)
+        self.work = dist.all_gather_into_tensor(self.gathered, self.mine, group=self.group,
+                                                async_op=True)
+
+    def finish(self) -> torch.Tensor:
+        self.work.wait()
+        out = torch.cat([self.codec.decode(p, self.chunk)
+                         for p in self.gathered.view(self.world, self.size)])
+        return out[:self.n]
+
+
 def two_phase_average(x: torch.Tensor, codec: Any, *, group: Any = None) -> torch.Tensor:
     """The average over ranks of flat ``x``, by the two-phase quantized exchange.
 
@@ -359,23 +401,9 @@ def two_phase_average(x: torch.Tensor, codec: Any, *, group: Any = None) -> torc
     decodes the N payloads (its own included), sums them in fp32 in rank order, divides by N and
     re-quantizes; an ``all_gather`` of those payloads follows, and every rank decodes all of them.
     The result is the same bytes decoded the same way on every rank. Synchronous."""
-    world = dist.get_world_size(group)
-    n = x.numel()
-    chunk = _chunk_numel(n, world, codec.group)
-    flat = torch.zeros(chunk * world, dtype=torch.float32, device=x.device)
-    flat[:n] = x.reshape(-1)
-    size = codec.payload_bytes(chunk)
-    send = torch.cat([codec.encode(c) for c in flat.view(world, chunk)])
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    total = torch.zeros(chunk, dtype=torch.float32, device=x.device)
-    for payload in recv.view(world, size):  # rank order: the same sum on every owner
-        total += codec.decode(payload, chunk)
-    mine = codec.encode(total.div_(world))
-    gathered = torch.empty(world * size, dtype=torch.uint8, device=x.device)
-    dist.all_gather_into_tensor(gathered, mine, group=group)
-    out = torch.cat([codec.decode(p, chunk) for p in gathered.view(world, size)])
-    return out[:n]
+    op = _TwoPhase(x, codec, group)
+    op.phase2()
+    return op.finish()
 
 
 class PeerState:
@@ -385,7 +413,7 @@ class PeerState:
         # hyperparameters
         "codec", "process_group",
         # internal state
-        "_bytes_sent", "_steps",
+        "_bytes_sent", "_steps", "_pending",
     )
 
     def __init__(self, codec: Any, process_group: Any = None):
@@ -393,6 +421,8 @@ class PeerState:
         self.process_group = process_group
         self._bytes_sent = 0
         self._steps = 0
+        # buckets in flight, oldest first: [exchange, DDP future, bucket tensor, stage]
+        self._pending: list[list] = []
 
     def stats(self) -> dict[str, int]:
         """``bytes_sent`` (handed to collectives for other ranks) and ``steps`` so far."""
@@ -400,18 +430,53 @@ class PeerState:
 
 
 def peer_hook(state, bucket):  # no annotations: DDP checks them at run time
-    """DDP comm hook: :func:`two_phase_average` of the bucket, done before it returns."""
+    """DDP comm hook: :func:`two_phase_average` of the bucket, pipelined as the vsa hook's
+    exchanges are (tritter_comm/hooks/ddp.py), so that a peer row's step time is not
+    understated by waiting where ours overlaps. The call for bucket i launches its
+    ``all_to_all``; completes the buckets whose ``all_gather`` an earlier call launched; and runs
+    phase 2 of the buckets whose ``all_to_all`` an earlier call launched. The last bucket's call
+    drains the rest. Every collective is launched from a hook call, in the same order on every
+    rank, and no Python of ours runs on gloo's threads."""
     t = bucket.buffer()
     x = t if t.dtype == torch.float32 else t.float()
-    avg = two_phase_average(x, state.codec, group=state.process_group)
-    state._bytes_sent += two_phase_wire_bytes(
-        x.numel(), dist.get_world_size(state.process_group), state.codec)
-    if bucket.is_last():
-        state._steps += 1
-    t.copy_(avg)
-    fut = torch.futures.Future()
+    pending = state._pending
+    try:
+        earlier = list(pending)
+        pending.append([_TwoPhase(x, state.codec, state.process_group),
+                        torch.futures.Future(), t, 1])
+        state._bytes_sent += two_phase_wire_bytes(
+            x.numel(), dist.get_world_size(state.process_group), state.codec)
+        for e in earlier:
+            if e[3] == 2:
+                _peer_complete(e)
+                pending.remove(e)
+        for e in earlier:
+            if e[3] == 1:
+                e[0].phase2()
+                e[3] = 2
+        fut = pending[-1][1]
+        if bucket.is_last():
+            for e in pending:
+                if e[3] == 1:
+                    e[0].phase2()
+                    e[3] = 2
+            for e in pending:
+                _peer_complete(e)
+            pending.clear()
+            state._steps += 1
+        return fut
+    except BaseException as err:
+        for e in pending:
+            if not e[1].done():
+                e[1].set_exception(err)
+        pending.clear()
+        raise
+
+
+def _peer_complete(e: list) -> None:
+    op, fut, t, _ = e
+    t.copy_(op.finish())
     fut.set_result(t)
-    return fut
 
 
 def _check(comm: str) -> None:

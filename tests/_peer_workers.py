@@ -59,30 +59,49 @@ def average(rank: int, world: int, mode: str, numel: int) -> dict:
     }
 
 
-def train(rank: int, world: int, mode: str, steps: int) -> dict:
-    """A few DDP steps with many small buckets under ``mode``; parameters' digest and bytes."""
+def _sync_peer_hook(state, bucket):
+    """The unpipelined form of comm.peer_hook: each bucket averaged before the call returns."""
+    t = bucket.buffer()
+    t.copy_(comm.two_phase_average(t, state.codec, group=state.process_group))
+    fut = torch.futures.Future()
+    fut.set_result(t)
+    return fut
+
+
+def train(rank: int, world: int, mode: str, steps: int, sync: bool = False) -> dict:
+    """A few DDP steps with many small buckets under ``mode``; parameters' digest and bytes.
+    ``sync``: through :func:`_sync_peer_hook` instead of the pipelined hook."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(37, 300), nn.Tanh(), nn.Linear(300, 300), nn.Tanh(),
                           nn.Linear(300, 5))
     ddp = DDP(model, bucket_cap_mb=0.1)  # several buckets: the order of collectives matters
+    if sync:
+        state = comm.PeerState(comm._peer_codec(mode))
+        ddp.register_comm_hook(state, _sync_peer_hook)
+        return {"digest": _train_digest(ddp, model, rank, steps)}
     state = comm.register(ddp, mode)
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-    g = torch.Generator().manual_seed(rank)
     with _Counting() as c:
-        for _ in range(steps):
-            x = torch.randn(16, 37, generator=g)
-            loss = ddp(x).square().mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    h = hashlib.sha256()
-    for p in model.parameters():
-        h.update(p.detach().numpy().tobytes())
-    out = {"digest": h.hexdigest(), "counted": c.sent, "stats": state.stats(),
+        digest = _train_digest(ddp, model, rank, steps)
+    out = {"digest": digest, "counted": c.sent, "stats": state.stats(),
            "per_step": comm.bytes_per_step(mode, ddp, state),
            "buckets": len(ddp.reducer._get_zeros_like_grad_buckets())}
     del ddp
     return out
+
+
+def _train_digest(ddp: DDP, model: nn.Module, rank: int, steps: int) -> str:
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(steps):
+        x = torch.randn(16, 37, generator=g)
+        loss = ddp(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().numpy().tobytes())
+    return h.hexdigest()
 
 
 def powersgd_bucket_check(rank: int, world: int) -> dict:

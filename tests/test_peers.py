@@ -45,6 +45,9 @@ def test_ddp_replicas_identical_with_many_buckets(mode):
     res = run(W.train, 2, mode, steps, timeout=180)
     assert res[0]["buckets"] > 1
     assert res[0]["digest"] == res[1]["digest"], "replicas drifted apart"
+    # the pipelined hook trains exactly as averaging each bucket before the call returns
+    sync = run(W.train, 2, mode, steps, True, timeout=180)
+    assert sync[0]["digest"] == sync[1]["digest"] == res[0]["digest"]
     for r in res:
         assert r["stats"]["steps"] == steps
         assert r["stats"]["bytes_sent"] == r["counted"]
