@@ -100,6 +100,9 @@ pub struct Params {
     pub block_log2: u8,
     pub seed: u64,
     pub stream: u64,
+    /// Encoding only: int2's unbiased scale (`quant::unbiased_scale`). The decoder reads the
+    /// scale from the body either way.
+    pub unbiased: bool,
 }
 
 /// Block structure of a vector of `n` elements.
@@ -208,6 +211,7 @@ pub fn encode<T: Elem>(
     let keys = StreamKeys::new(p.seed, p.stream);
     let b = lay.block;
     let mode = p.mode;
+    let unbiased = p.unbiased;
     let min_len = lay.min_task_blocks();
     let (scales, data) = out.split_at_mut(4 * lay.nblocks());
     let blocks = x
@@ -218,14 +222,14 @@ pub fn encode<T: Elem>(
         .with_min_len(min_len);
     match residual {
         None => blocks.try_for_each_init(
-            || Scratch::new(b),
+            || Scratch::new(b).with_unbiased(unbiased),
             |s, (i, ((xb, db), sb))| {
                 let (l, o) = (lay.block_len(i), (i * b) as u64);
                 analyze(xb, None, l, o, &keys, mode, s, db, sb)
             },
         ),
         Some(e) if !check_finite => blocks.zip(e.par_chunks_mut(b)).try_for_each_init(
-            || Scratch::new(b),
+            || Scratch::new(b).with_unbiased(unbiased),
             |s, ((i, ((xb, db), sb)), eb)| {
                 let (l, o) = (lay.block_len(i), (i * b) as u64);
                 analyze(xb, Some(&*eb), l, o, &keys, mode, s, db, sb)?;
@@ -243,7 +247,7 @@ pub fn encode<T: Elem>(
         ),
         Some(e) => {
             blocks.zip(e.par_chunks(b)).try_for_each_init(
-                || Scratch::new(b),
+                || Scratch::new(b).with_unbiased(unbiased),
                 |s, ((i, ((xb, db), sb)), eb)| {
                     let (l, o) = (lay.block_len(i), (i * b) as u64);
                     analyze(xb, Some(eb), l, o, &keys, mode, s, db, sb)

@@ -45,6 +45,8 @@ pub struct Scratch {
     tmp: Vec<f32>,
     /// The order the worker visits its blocks in: +1 forward, -1 backward (for prefetching).
     direction: isize,
+    /// int2's scale: unbiased (`|z|^2 / <z, m>`) instead of least squares (`quant::quantize`).
+    unbiased: bool,
 }
 
 impl Scratch {
@@ -58,7 +60,13 @@ impl Scratch {
             staged: Vec::new(),
             tmp: Vec::new(),
             direction: 1,
+            unbiased: false,
         }
+    }
+
+    /// This scratch with int2's scale chosen by `unbiased` (`Params::unbiased`).
+    pub fn with_unbiased(self, unbiased: bool) -> Self {
+        Scratch { unbiased, ..self }
     }
 
     /// Scratch for a worker that visits its blocks from the last to the first.
@@ -109,7 +117,7 @@ macro_rules! vector_kernels {
         use crate::hadamard::RADIX8_PAIRS;
         use crate::keys::StreamKeys;
         use crate::lanes::{Lanes, Unpacked, LANES};
-        use crate::quant::{INT2_TAU2, TERNARY_TAU};
+        use crate::quant::{unbiased_scale, INT2_TAU2, TERNARY_TAU};
 
         use super::{First, Scratch, Sink, PF_AHEAD};
 
@@ -303,6 +311,7 @@ macro_rules! vector_kernels {
         fn quantize(
             z: &mut [Lanes],
             mode: Mode,
+            unbiased: bool,
             parts: &mut [Lanes],
             codes: &mut [u8],
             packed: &mut [u8],
@@ -371,7 +380,7 @@ macro_rules! vector_kernels {
                         times3(a, big)
                     });
                     let den = (l as u32 + 8 * nbig) as f32;
-                    Some((num / den) / lf)
+                    Some(if unbiased { unbiased_scale(q2, num, lf) } else { (num / den) / lf })
                 }
             }
         }
@@ -394,7 +403,7 @@ macro_rules! vector_kernels {
             let words = &mut s.words[..l / 32];
             key_words(keys, (offset >> 5) as u32, words);
             spread(x, e, s.direction * (PF_AHEAD * l) as isize, words, z);
-            quantize(z, mode, &mut s.parts, &mut s.codes, data)
+            quantize(z, mode, s.unbiased, &mut s.parts, &mut s.codes, data)
         }
 
         /// Step 6 on a full block of `l >= MIN_VEC_BLOCK` elements, into `sink`. The transform
@@ -594,7 +603,7 @@ fn analyze_literal(
     fwht(buf);
     let codes = &mut s.codes[..l];
     s.tmp.resize(l, 0.0);
-    let scale = quantize(buf, mode, codes, &mut s.tmp)?;
+    let scale = quantize(buf, mode, s.unbiased, codes, &mut s.tmp)?;
     pack(codes, mode, data);
     Some(scale)
 }
@@ -761,10 +770,15 @@ mod tests {
         let levels = [simd::Level::Scalar, simd::Level::Avx2, simd::Level::Avx512];
         for log in 7..=16 {
             let l = 1usize << log;
-            let mut s = Scratch::new(l);
             for kind in 0..4 {
                 let u = data(l, log as u64 + 10 * kind, kind);
-                for mode in [Mode::Ternary, Mode::Sign, Mode::Int2] {
+                for (mode, unbiased) in [
+                    (Mode::Ternary, false),
+                    (Mode::Sign, false),
+                    (Mode::Int2, false),
+                    (Mode::Int2, true),
+                ] {
+                    let mut s = Scratch::new(l).with_unbiased(unbiased);
                     let len = crate::pack::packed_len(l, mode);
                     let offset = (l as u64) * 5;
                     let mut want = vec![0u8; len];
@@ -775,7 +789,8 @@ mod tests {
                     let xhat = s.staged[..l].to_vec();
                     for level in levels {
                         let level = simd::set_level(level);
-                        let what = format!("{mode:?} l={l} kind={kind} {level:?}");
+                        let what =
+                            format!("{mode:?} unbiased={unbiased} l={l} kind={kind} {level:?}");
                         let mut got = vec![0u8; len];
                         let a =
                             analyze_vec::<f32>(&u, None, l, offset, &keys, mode, &mut s, &mut got)

@@ -56,13 +56,20 @@ fn run<R: Send>(
     .map_err(PyErr::from)
 }
 
-fn params(mode: u8, block_log2: u8, seed: u64, stream: u64) -> PyResult<Params> {
+fn params(mode: u8, block_log2: u8, seed: u64, stream: u64, unbiased: bool) -> PyResult<Params> {
     let mode = Mode::from_u8(mode).ok_or(CodecError::BadMode(mode))?;
+    if unbiased && mode != Mode::Int2 {
+        return Err(PyValueError::new_err(format!(
+            "the unbiased scale is int2's (mode 2), got mode {}",
+            mode as u8
+        )));
+    }
     Ok(Params {
         mode,
         block_log2,
         seed,
         stream,
+        unbiased,
     })
 }
 
@@ -125,9 +132,10 @@ fn decode_any<T: Elem, S: numpy::Element>(
 /// Encode a float32 vector into `out` (`body_nbytes` bytes); with `residual`, encode
 /// `x + residual` and leave the new residual in it. NaN or Inf raises `ValueError`; with
 /// `check_finite` (the default) the residual is then untouched (it is updated in a second pass
-/// once every block is known finite), without it part of it may be updated.
+/// once every block is known finite), without it part of it may be updated. `unbiased`: int2's
+/// scale is the unbiased `|z|^2 / <z, m>` instead of least squares (`ValueError` in other modes).
 #[pyfunction]
-#[pyo3(signature = (x, out, mode, block_log2, seed, stream, residual=None, threads=0, check_finite=true))]
+#[pyo3(signature = (x, out, mode, block_log2, seed, stream, residual=None, threads=0, check_finite=true, unbiased=false))]
 #[allow(clippy::too_many_arguments)]
 fn encode_f32(
     py: Python<'_>,
@@ -140,14 +148,15 @@ fn encode_f32(
     residual: Option<PyReadwriteArray1<'_, f32>>,
     threads: usize,
     check_finite: bool,
+    unbiased: bool,
 ) -> PyResult<()> {
-    let p = params(mode, block_log2, seed, stream)?;
+    let p = params(mode, block_log2, seed, stream, unbiased)?;
     encode_any::<f32, f32>(py, x, out, residual, p, threads, check_finite, |s| s, |s| s)
 }
 
 /// Encode a float16 (`half=False`) or bfloat16 (`half=True`) vector given as its u16 bits.
 #[pyfunction]
-#[pyo3(signature = (x, out, bf16, mode, block_log2, seed, stream, residual=None, threads=0, check_finite=true))]
+#[pyo3(signature = (x, out, bf16, mode, block_log2, seed, stream, residual=None, threads=0, check_finite=true, unbiased=false))]
 #[allow(clippy::too_many_arguments)]
 fn encode_u16(
     py: Python<'_>,
@@ -161,8 +170,9 @@ fn encode_u16(
     residual: Option<PyReadwriteArray1<'_, u16>>,
     threads: usize,
     check_finite: bool,
+    unbiased: bool,
 ) -> PyResult<()> {
-    let p = params(mode, block_log2, seed, stream)?;
+    let p = params(mode, block_log2, seed, stream, unbiased)?;
     if bf16 {
         encode_any::<half::bf16, u16>(
             py,
@@ -204,7 +214,7 @@ fn decode_f32(
     stream: u64,
     threads: usize,
 ) -> PyResult<()> {
-    let p = params(mode, block_log2, seed, stream)?;
+    let p = params(mode, block_log2, seed, stream, false)?;
     decode_any::<f32, f32>(py, body, out, p, threads, |s| s)
 }
 
@@ -223,7 +233,7 @@ fn decode_u16(
     stream: u64,
     threads: usize,
 ) -> PyResult<()> {
-    let p = params(mode, block_log2, seed, stream)?;
+    let p = params(mode, block_log2, seed, stream, false)?;
     if bf16 {
         decode_any::<half::bf16, u16>(py, body, out, p, threads, |s| {
             s.reinterpret_cast_mut::<half::bf16>()

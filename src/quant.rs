@@ -28,10 +28,31 @@ pub fn tree_sum(v: &mut [f32]) -> f32 {
     v[0]
 }
 
-/// Quantize block `z` (length L, a power of two) into `codes`; returns the scale, or `None` if a
-/// sum is not finite. `tmp` is scratch of length L.
+/// int2's unbiased scale `|z|^2 / <z, m>` (DRIVE/EDEN): the decoded block's projection on `z`
+/// is `z` itself, where least squares' `<z, m> / <m, m>` shrinks it by the cosine squared of `z`
+/// and its levels `m`. With fresh keys every step the decoded vector is then an unbiased
+/// estimate of the input, which is what an exchange without error feedback wants. `q2` is
+/// TS(z * z), `num` TS(|z| * m) = <z, m>; 0 for a zero block.
 #[inline(always)]
-pub fn quantize(z: &[f32], mode: Mode, codes: &mut [u8], tmp: &mut [f32]) -> Option<f32> {
+pub fn unbiased_scale(q2: f32, num: f32, lf: f32) -> f32 {
+    if num == 0.0 {
+        0.0
+    } else {
+        (q2 / num) / lf
+    }
+}
+
+/// Quantize block `z` (length L, a power of two) into `codes`; returns the scale, or `None` if a
+/// sum is not finite. `tmp` is scratch of length L. `unbiased`: int2's scale is
+/// `unbiased_scale` instead of least squares (the other modes ignore it: `Params` refuses it).
+#[inline(always)]
+pub fn quantize(
+    z: &[f32],
+    mode: Mode,
+    unbiased: bool,
+    codes: &mut [u8],
+    tmp: &mut [f32],
+) -> Option<f32> {
     let l = z.len();
     let lf = l as f32;
     let tmp = &mut tmp[..l];
@@ -102,7 +123,11 @@ pub fn quantize(z: &[f32], mode: Mode, codes: &mut [u8], tmp: &mut [f32]) -> Opt
                 *c = int2_code(*x, x.abs() > thr);
             }
             let (num, den) = int2_sums(z, codes, tmp);
-            Some((num / den) / lf)
+            Some(if unbiased {
+                unbiased_scale(q2, num, lf)
+            } else {
+                (num / den) / lf
+            })
         }
     }
 }
@@ -148,7 +173,7 @@ mod tests {
         let z = [3.0f32, -3.0, 0.0, 3.0, 0.0, 0.0, -3.0, 3.0];
         let mut codes = [0u8; 8];
         let mut tmp = [0f32; 8];
-        let s = quantize(&z, Mode::Ternary, &mut codes, &mut tmp).unwrap();
+        let s = quantize(&z, Mode::Ternary, false, &mut codes, &mut tmp).unwrap();
         assert_eq!(codes, [2, 0, 1, 2, 1, 1, 0, 2]);
         assert_eq!(s * 8.0, 3.0);
     }
@@ -159,7 +184,7 @@ mod tests {
         let mut codes = [0u8; 16];
         let mut tmp = [0f32; 16];
         for m in [Mode::Ternary, Mode::Sign, Mode::Int2] {
-            assert_eq!(quantize(&z, m, &mut codes, &mut tmp), Some(0.0));
+            assert_eq!(quantize(&z, m, false, &mut codes, &mut tmp), Some(0.0));
         }
     }
 }

@@ -72,3 +72,34 @@ def test_rust_matches_torch_without_residual(mode):
         for level in _levels():
             p_rust = tc.encode(x, seed=1, stream=2, mode=mode, backend="rust")
             assert torch.equal(p_rust.body, p_torch.body), f"n={n} {mode} {level}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rust_matches_torch_with_the_unbiased_scale(dtype):
+    """int2's unbiased scale (``encode(..., unbiased=True)``): the same body and residual from
+    both backends at every SIMD level, and not least squares' body."""
+    for i, n in enumerate(SIZES):
+        x, e = _inputs(n, dtype, seed=77 + i)
+        kw = {"seed": 5, "stream": n, "mode": "int2", "block_size": 256, "unbiased": True}
+        e_torch = e.clone()
+        p_torch = tc.encode(x, residual=e_torch, backend="torch", **kw)
+        plain = tc.encode(x, backend="torch", **kw)
+        lsq = tc.encode(x, backend="torch", **{**kw, "unbiased": False})
+        if n >= 300:  # a block of one element: both scales are |z| / |m|
+            assert not torch.equal(plain.body, lsq.body)
+        for level in _levels():
+            what = f"n={n} {dtype} {level}"
+            e_rust = e.clone()
+            assert torch.equal(tc.encode(x, residual=e_rust, backend="rust", **kw).body,
+                               p_torch.body), what
+            assert torch.equal(_bits(e_rust), _bits(e_torch)), what
+            assert torch.equal(tc.encode(x, backend="rust", **kw).body, plain.body), what
+
+
+@pytest.mark.parametrize("mode", ["ternary", "sign"])
+def test_unbiased_scale_is_int2s(mode):
+    with pytest.raises(ValueError, match="int2"):
+        tc.encode(torch.randn(300), mode=mode, unbiased=True)
+    with pytest.raises(ValueError, match="int2"):
+        _native.encode_f32(torch.randn(300).numpy(), torch.empty(1000, dtype=torch.uint8).numpy(),
+                           {"ternary": 0, "sign": 1}[mode], 8, 0, 0, unbiased=True)

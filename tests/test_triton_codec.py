@@ -31,6 +31,9 @@ CHECKS = {
     "nonfinite:8": 33,  # NaN, -Inf, overflow x 3 modes x dtypes; decode and sum
     "poison:8": 36,  # the flag on the device: 3 modes x 3 dtypes x (none, NaN, tail Inf, residual)
     "poison:8:plain": 36,
+    "encode:8:unbiased": 24,  # int2's unbiased scale: 3 dtypes x residual or not x 4 lengths
+    "encode:10:unbiased,quick": 6,
+    "encode:8:plain,unbiased,quick": 6,
     "encode:8:plain,quick": 18,  # the plain build
     "decode_sum:8:plain,quick": 12,
     # the fast build's variants that benchmarks/codec_cuda_sweep.py times (same bits)

@@ -20,6 +20,7 @@ def encode_f32(
     residual: Optional[npt.NDArray[np.float32]] = None,
     threads: int = 0,
     check_finite: bool = True,
+    unbiased: bool = False,
 ) -> None: ...
 def encode_u16(
     x: npt.NDArray[np.uint16],
@@ -32,6 +33,7 @@ def encode_u16(
     residual: Optional[npt.NDArray[np.uint16]] = None,
     threads: int = 0,
     check_finite: bool = True,
+    unbiased: bool = False,
 ) -> None: ...
 def decode_f32(
     body: npt.NDArray[np.uint8],

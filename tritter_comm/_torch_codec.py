@@ -184,8 +184,11 @@ def _int2_sums(a: torch.Tensor, big: torch.Tensor, length: int) -> tuple[torch.T
     return num, den
 
 
-def _quantize(z: torch.Tensor, mode: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 5: returns ``(scale (nb, 1) f32, codes (nb, L) uint8)``."""
+def _quantize(z: torch.Tensor, mode: int,
+              unbiased: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 5: returns ``(scale (nb, 1) f32, codes (nb, L) uint8)``. ``unbiased``: int2's
+    scale is ``TS(z * z) / TS(|z| * m)`` (0 where the block is zero) instead of least squares
+    (the Rust codec's ``quant::unbiased_scale``)."""
     length = z.shape[-1]
     a = z.abs()
     if mode == _TERNARY:
@@ -202,14 +205,17 @@ def _quantize(z: torch.Tensor, mode: int) -> tuple[torch.Tensor, torch.Tensor]:
         scale = (_tree_sum(a) / length) / length
         codes = (z >= 0).to(torch.uint8)
     else:
-        thr2 = 0.99142 * (_tree_sum(z * z) / length)
+        q2 = _tree_sum(z * z)
+        thr2 = 0.99142 * (q2 / length)
         big = (z * z) > thr2
         num, den = _int2_sums(a, big, length)
         # One Lloyd step: re-split at the midpoint 2 s1 of the levels s1 and 3 s1.
         big = a > 2.0 * (num / den)
         num, den = _int2_sums(a, big, length)
-        # 0 / den is already 0 when the numerator is 0 (den >= L > 0).
-        scale = (num / den) / length
+        if unbiased:
+            scale = torch.where(num == 0, 0.0, (q2 / num) / length)
+        else:  # 0 / den is already 0 when the numerator is 0 (den >= L > 0).
+            scale = (num / den) / length
         pos = z >= 0
         # level -3, -1, +1, +3 -> code 0, 1, 2, 3, i.e. c = 2 [z >= 0] + [[z >= 0] == [m = 3]].
         codes = pos.to(torch.uint8) * 2 + (pos == big).to(torch.uint8)
@@ -322,9 +328,11 @@ def encode_body(
     residual: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     poison: torch.Tensor | None = None,
+    unbiased: bool = False,
 ) -> torch.Tensor:
     """Encode 1-D ``x`` to a uint8 body on ``x.device`` (written into ``out`` when given: 1-D
-    contiguous uint8 of ``body_nbytes``; returned).
+    contiguous uint8 of ``body_nbytes``; returned). ``unbiased``: int2's unbiased scale
+    (``_quantize``).
 
     ``poison``: a one-element uint8 tensor on ``x.device``. Where it is nonzero the body is the
     poisoned one (NaN scales, zero codes: ``exchange._poison``'s bytes) and ``residual`` keeps its
@@ -336,6 +344,8 @@ def encode_body(
     below encode whatever they did not.
     """
     _check(mode, block_log2)
+    if unbiased and mode != _INT2:
+        raise ValueError(f"the unbiased scale is int2's (mode {_INT2}), got mode {mode}")
     n = x.numel()
     if out is None:
         out = torch.empty(body_nbytes(n, mode, block_log2), dtype=torch.uint8, device=x.device)
@@ -346,10 +356,11 @@ def encode_body(
     if (_triton_codec.available(x.device, 1 << block_log2) and x.is_contiguous()
             and out.is_contiguous() and (residual is None or residual.is_contiguous())):
         lo = _triton_codec.encode_into(x, residual, out, block_log2=block_log2, mode=mode,
-                                       k1=k1, k2=k2, pack_ops=_pack, poison=poison)
+                                       k1=k1, k2=k2, pack_ops=_pack, poison=poison,
+                                       unbiased=unbiased)
     if lo < n:
         _encode_ops(x, residual, out, lo=lo, k1=k1, k2=k2, mode=mode, block_log2=block_log2,
-                    poison=poison)
+                    poison=poison, unbiased=unbiased)
     return out
 
 
@@ -357,7 +368,8 @@ _NAN_BITS = 0x7FC00000  # the f32 NaN of a poisoned body's scales
 
 
 def _encode_ops(x, residual, out, *, lo: int, k1: int, k2: int, mode: int,
-                block_log2: int, poison: torch.Tensor | None = None) -> None:
+                block_log2: int, poison: torch.Tensor | None = None,
+                unbiased: bool = False) -> None:
     """Encode the blocks of ``x`` from element ``lo`` (0, or the end of the full blocks) on
     with the torch ops, into their places in the body ``out``."""
     n = x.numel()
@@ -383,7 +395,7 @@ def _encode_ops(x, residual, out, *, lo: int, k1: int, k2: int, mode: int,
     pos = lo
     for ub, kb, cnt in parts:
         z = _wht(ub * kb)
-        scale, codes = _quantize(z, mode)
+        scale, codes = _quantize(z, mode, unbiased)
         scales.append(scale.reshape(-1))
         packed.append(_pack(codes, mode).reshape(-1))
         if residual is not None:

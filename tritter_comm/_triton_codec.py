@@ -65,7 +65,7 @@ MIN_BLOCK, MAX_BLOCK = 256, 4096
 # encodes and decodes (sums included) served wholly by the kernels in this process, one each,
 # however many launches it took (full blocks, tail): the tests check that the kernels ran
 launches = 0
-_broken: dict = {}  # (kernel, build, block, mode, dtypes, tail) that failed to build: reason
+_broken: dict = {}  # (kernel, build, block, mode, dtypes, tail[, unbiased]) that failed: reason
 _PER_BYTE = (5, 8, 4)  # codes per packed byte: ternary, sign, int2
 _BUILDS = ("fast", "plain")  # (packed codes, ``tuning``) and (codes one byte each, butterflies)
 # Variants of each kernel's fast build that give the same bits, for benchmarks/codec_cuda_sweep.py
@@ -274,7 +274,7 @@ if triton is not None:
                        PACK: tl.constexpr,
                        DOT: tl.constexpr, A: tl.constexpr, BC: tl.constexpr,
                        PER: tl.constexpr, PB: tl.constexpr, P: tl.constexpr,
-                       KEYW: tl.constexpr = False):
+                       KEYW: tl.constexpr = False, UNB: tl.constexpr = False):
         if TAIL:  # the one tail block, of tlen (a power of two < L) with n - nfull L elements
             row = nfull.to(tl.int64)
         else:
@@ -313,13 +313,17 @@ if triton is not None:
             zz = z * z
             if TAIL:
                 zz = tl.where(inblk, zz, 0.0)
-            thr2 = 0.99142 * tl.div_rn(_tree_sum(zz, L, LOG2), blen)
+            q2 = _tree_sum(zz, L, LOG2)
+            thr2 = 0.99142 * tl.div_rn(q2, blen)
             big = zz > thr2
             num, den8 = _int2_sums(a, big, inblk, L, LOG2, TAIL)
             # one Lloyd step: re-split at the midpoint 2 s1 of the levels s1 and 3 s1
             big = a > 2.0 * tl.div_rn(num, blen + den8.to(tl.float32))
             num, den8 = _int2_sums(a, big, inblk, L, LOG2, TAIL)
-            scale = tl.div_rn(tl.div_rn(num, blen + den8.to(tl.float32)), blen)
+            if UNB:  # the unbiased scale TS(z z) / TS(|z| m), 0 for a zero block
+                scale = tl.where(num == 0, 0.0, tl.div_rn(tl.div_rn(q2, num), blen))
+            else:
+                scale = tl.div_rn(tl.div_rn(num, blen + den8.to(tl.float32)), blen)
             pos_ = (z >= 0).to(tl.int32)
             codes = pos_ * 2 + (pos_ == big.to(tl.int32)).to(tl.int32)
         if TAIL:
@@ -464,12 +468,12 @@ def _build_errors() -> tuple:
 
 
 def _encode_launch(x, residual, out, *, tail: bool, nfull: int, n: int, tlen: int, pk0: int,
-                   shape: dict, k1: int, k2: int, pack_ops, poison) -> bool:
+                   shape: dict, k1: int, k2: int, pack_ops, poison, unbiased: bool) -> bool:
     length, mode, pb = shape["L"], shape["MODE"], shape["PB"]
     rows = 1 if tail else nfull
     for build in _BUILDS:
         case = ("encode", build, length, mode,
-                (x.dtype, None if residual is None else residual.dtype), tail)
+                (x.dtype, None if residual is None else residual.dtype), tail, unbiased)
         if case in _broken:
             continue
         fast = build == "fast"
@@ -479,7 +483,7 @@ def _encode_launch(x, residual, out, *, tail: bool, nfull: int, n: int, tlen: in
                 x, residual if residual is not None else x, out, codes,
                 poison if poison is not None else x, _i32(k1), _i32(k2),
                 nfull, n, tlen, pk0, HAS_RES=residual is not None,
-                HAS_FLAG=poison is not None, TAIL=tail, PACK=fast,
+                HAS_FLAG=poison is not None, TAIL=tail, PACK=fast, UNB=unbiased,
                 DOT=fast and tuning["encode"]["dot"],
                 KEYW=fast and tuning["encode"]["key_words"],
                 P=_next_pow2(-(-length // _PER_BYTE[mode])), **shape,
@@ -501,7 +505,7 @@ def _encode_launch(x, residual, out, *, tail: bool, nfull: int, n: int, tlen: in
 
 def encode_into(x: torch.Tensor, residual: Optional[torch.Tensor], out: torch.Tensor, *,
                 block_log2: int, mode: int, k1: int, k2: int, pack_ops,
-                poison: Optional[torch.Tensor] = None) -> int:
+                poison: Optional[torch.Tensor] = None, unbiased: bool = False) -> int:
     """Encode 1-D ``x`` (``u = x + residual`` with one, the residual updated in place) into the
     body ``out`` (uint8, ``body_nbytes`` long): the full blocks in one launch, the tail block in
     another. Returns how many leading elements were encoded: ``x.numel()``, or, where a kernel
@@ -512,7 +516,8 @@ def encode_into(x: torch.Tensor, residual: Optional[torch.Tensor], out: torch.Te
 
     ``poison``, a one-element uint8 tensor on ``x``'s device, is read by the kernel: where it is
     nonzero the body is the poisoned one (NaN scales, zero codes) and ``residual`` is not
-    written, with no host synchronization."""
+    written, with no host synchronization. ``unbiased``: int2's unbiased scale
+    (``_torch_codec._quantize``)."""
     global launches
     n = x.numel()
     shape = _shape(block_log2, mode)
@@ -521,7 +526,7 @@ def encode_into(x: torch.Tensor, residual: Optional[torch.Tensor], out: torch.Te
     tlen = _next_pow2(r) if r else 0
     pk0 = 4 * (nfull + (1 if r else 0))
     kw = dict(nfull=nfull, n=n, pk0=pk0, shape=shape, k1=k1, k2=k2, pack_ops=pack_ops,
-              poison=poison)
+              poison=poison, unbiased=unbiased)
     if nfull and not _encode_launch(x, residual, out, tail=False, tlen=length, **kw):
         return 0
     if r and not _encode_launch(x, residual, out, tail=True, tlen=tlen, **kw):

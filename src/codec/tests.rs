@@ -26,6 +26,7 @@ fn params(mode: Mode, block_log2: u8) -> Params {
         block_log2,
         seed: 42,
         stream: 7,
+        unbiased: false,
     }
 }
 
@@ -64,6 +65,58 @@ fn error_within_mode_bound_on_gaussian() {
             let r = rel_err(&x, &y);
             eprintln!("gauss {mode:?} 2^{b}: {r}");
             assert!(r < bound, "{mode:?} 2^{b}: {r}");
+        }
+    }
+}
+
+/// int2's unbiased scale: each decoded block's projection on its input is the input's squared
+/// norm (least squares': the decoded block's own), and over fresh streams the mean of the
+/// decoded vectors converges to the input, where least squares' stays shrunk (by about 0.88).
+#[test]
+fn unbiased_int2_scale() {
+    let n = 1 << 14;
+    let b = 1usize << 10;
+    // a block-to-block ramp: not one Gaussian
+    let x: Vec<f32> = gaussian(n, 5)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v * (0.1 + 3.0 * i as f32 / n as f32))
+        .collect();
+    let k = 200;
+    for unbiased in [false, true] {
+        let mut mean = vec![0f64; n];
+        for step in 0..k {
+            let p = Params {
+                stream: step,
+                unbiased,
+                ..params(Mode::Int2, 10)
+            };
+            let y = dec(&enc(&x, None, &p), n, &p);
+            for (xb, yb) in x.chunks(b).zip(y.chunks(b)) {
+                let xy: f64 = xb
+                    .iter()
+                    .zip(yb)
+                    .map(|(a, c)| (*a as f64) * (*c as f64))
+                    .sum();
+                let own: f64 = (if unbiased { xb } else { yb })
+                    .iter()
+                    .map(|a| (*a as f64).powi(2))
+                    .sum();
+                assert!(
+                    (xy / own - 1.0).abs() < 1e-4,
+                    "unbiased={unbiased} {xy} {own}"
+                );
+            }
+            for (m, v) in mean.iter_mut().zip(&y) {
+                *m += *v as f64 / k as f64;
+            }
+        }
+        let xx: f64 = x.iter().map(|a| (*a as f64).powi(2)).sum();
+        let proj: f64 = x.iter().zip(&mean).map(|(a, m)| *a as f64 * m).sum::<f64>() / xx;
+        if unbiased {
+            assert!((proj - 1.0).abs() < 0.01, "{proj}");
+        } else {
+            assert!(proj < 0.92, "{proj}");
         }
     }
 }
@@ -297,7 +350,7 @@ proptest! {
     fn round_trip_any_length(n in 1usize..5000, b in 8u8..11, m in 0u8..3, seed in any::<u64>(),
                              stream in any::<u64>()) {
         let mode = Mode::from_u8(m).unwrap();
-        let p = Params { mode, block_log2: b, seed, stream };
+        let p = Params { mode, block_log2: b, seed, stream, unbiased: false };
         let x = gaussian(n, seed);
         let body = enc(&x, None, &p);
         let y = dec(&body, n, &p);
@@ -322,7 +375,7 @@ proptest! {
     #[test]
     fn decode_arbitrary_bytes_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..600),
                                            n in 1usize..1200, m in 0u8..3) {
-        let p = Params { mode: Mode::from_u8(m).unwrap(), block_log2: 8, seed: 1, stream: 2 };
+        let p = Params { mode: Mode::from_u8(m).unwrap(), block_log2: 8, seed: 1, stream: 2, unbiased: false };
         let mut out = vec![0f32; n];
         let _ = decode(&bytes, &p, &mut out);
     }
