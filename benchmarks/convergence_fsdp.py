@@ -390,15 +390,21 @@ def format_table(workload: str, rows: list[dict[str, Any]], world: int, baseline
 
 def projection() -> str:
     """FSDP client residual memory a rank for a 7B model: arithmetic, not a measurement."""
+    from tritter_comm.hooks.state import INT4_FSDP_MAX_WORLD
+
     lines = ["### projection (arithmetic, not measured): FSDP, 7B parameters, fp32 gradients", "",
              "| residual | bytes a rank | 8 ranks: x shard | 64 ranks: x shard | "
              "model's own a rank, 8 / 64 ranks (fp32 params+grads+AdamW) |",
              "|---|---:|---:|---:|---:|"]
+    model = f"{16 * PROJ_PARAMS / 8 / 1e9:.1f} / {16 * PROJ_PARAMS / 64 / 1e9:.2f} GB"
     for form, b in RESIDUAL_BYTES.items():
         total = PROJ_PARAMS * b
         lines.append(f"| {form} | {total / 1e9:.2f} GB | {total / (4 * PROJ_PARAMS / 8):.2f}x | "
-                     f"{total / (4 * PROJ_PARAMS / 64):.2f}x | "
-                     f"{16 * PROJ_PARAMS / 8 / 1e9:.1f} / {16 * PROJ_PARAMS / 64 / 1e9:.2f} GB |")
+                     f"{total / (4 * PROJ_PARAMS / 64):.2f}x | {model} |")
+    # the default: int4 up to INT4_FSDP_MAX_WORLD ranks, no client residual beyond
+    lines.append(f"| auto (the default: int4 up to {INT4_FSDP_MAX_WORLD} ranks, then none) | "
+                 f"{PROJ_PARAMS * RESIDUAL_BYTES['int4'] / 1e9:.2f} GB up to "
+                 f"{INT4_FSDP_MAX_WORLD} ranks, 0 beyond | 0 | 0 | {model} |")
     return "\n".join(lines)
 
 

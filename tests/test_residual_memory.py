@@ -131,6 +131,53 @@ def test_fsdp_residual_memory_against_the_shard(world, tmp_path):
             assert o[f"{api}-default"]["full"] == o[f"{api}-int4"]["full"]
 
 
+def test_fsdp_auto_keeps_no_client_residual_from_8_ranks():
+    """From 8 ranks int4 would take more than the rank's fp32 gradient shard (1.13x), so the
+    default ("auto") keeps no client residual: 0 bytes of hook state, and the same training,
+    bit for bit, as error_feedback=False (whose int2 encodes take the unbiased scale)."""
+    from tritter_comm.hooks.state import INT4_FSDP_MAX_WORLD
+
+    world = 8
+    assert INT4_FSDP_MAX_WORLD == 7
+    runs = {}
+    for api in APIS:
+        runs[f"{api}-default"] = dict(api=api, steps=4, hook=HOOK, width=64)
+        runs[f"{api}-no-ef"] = dict(api=api, steps=4, hook=dict(HOOK, error_feedback=False),
+                                    width=64)
+        runs[f"{api}-int4"] = dict(api=api, steps=4, hook=dict(HOOK, residual_dtype="int4"),
+                                   width=64)
+    out = run(R.fsdp_suite, world, runs, timeout=400)
+    for api in APIS:
+        for o in out:
+            assert o[f"{api}-default"]["stats"]["state_bytes"] == 0
+            assert o[f"{api}-default"]["full"] == o[f"{api}-no-ef"]["full"]
+            # int4, asked for, is kept: above the shard at this rank count, and trained otherwise
+            assert o[f"{api}-int4"]["stats"]["state_bytes"] / _shard_bytes(o[f"{api}-int4"],
+                                                                           world) > 1.0
+            assert o[f"{api}-int4"]["full"] != o[f"{api}-default"]["full"]
+        assert len({o[f"{api}-default"]["full"] for o in out}) == 1
+
+
+def test_exchange_encodes_without_a_residual_take_the_unbiased_scale():
+    from tritter_comm import codec
+    from tritter_comm.exchange import Plan, Timers, _encode
+
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(1))
+    for mode, mid in (("int2", 2), ("ternary", 0)):
+        plan = Plan.make(x.numel(), 1, 8, mid, mid)
+        slot = torch.empty(plan.slot, dtype=torch.uint8)
+        _encode(x, slot, seed=3, stream=9, plan=plan, residual=None, timers=Timers())
+        want = codec.encode(x, seed=3, stream=9, mode=mode, block_size=256,
+                            unbiased=mode == "int2")
+        assert torch.equal(slot[:want.body.numel()], want.body), mode
+        # with a residual: least squares
+        e = torch.zeros_like(x)
+        _encode(x, slot, seed=3, stream=9, plan=plan, residual=e, timers=Timers())
+        want = codec.encode(x, seed=3, stream=9, mode=mode, block_size=256,
+                            residual=torch.zeros_like(x))
+        assert torch.equal(slot[:want.body.numel()], want.body), mode
+
+
 @pytest.mark.parametrize("fmt", ["int4"])  # int8: the same path, other codes
 def test_fsdp_narrow_residual_resumes_exactly(fmt, tmp_path):
     """Save at step 8 (parameters, optimizer, hook state with int codes and scales), resume in
@@ -181,6 +228,9 @@ def test_auto_resolves_by_hook():
     s = tritter_comm.VSAState()
     assert s.residual_dtype == "auto"
     assert s.residual_format() == "float32" and s.residual_format(fsdp=True) == "int4"
+    assert [s.residual_format(fsdp=True, world=w) for w in (2, 7, 8, 64)] == [
+        "int4", "int4", "none", "none"]
+    assert s.residual_format(world=64) == "float32"
     for fmt in ("float32", "bfloat16", "int8", "int4"):
         t = tritter_comm.VSAState(residual_dtype=fmt)
         assert t.residual_format() == t.residual_format(fsdp=True) == fmt

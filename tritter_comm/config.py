@@ -89,7 +89,9 @@ class VSAConfig:
                                    "all-reduced uncompressed: their exchange costs latency, not "
                                    "bandwidth")
     error_feedback: bool = _opt(True, "keep a per-bucket residual of what quantization dropped "
-                                "and send it in later steps")
+                                "and send it in later steps; without it (and wherever a phase "
+                                "has no residual) int2 encodes take the unbiased scale, whose "
+                                "decoded vectors average to the input over steps")
     server_error_feedback: bool = _opt(True, "the owner of a chunk keeps a residual of its "
                                        "re-encoding (phase 2)")
     fixed_keys: bool = _opt(False, "the same keys every step (stream = bucket and chunk) "
@@ -97,8 +99,10 @@ class VSAConfig:
     auto: bool = _opt(False, "measure what plain and compressed exchange of each bucket cost on "
                       "this link and compress only where it is faster; every rank makes the "
                       "same choice (`stats()[\"auto\"]`)")
-    residual_dtype: str = _opt("auto", "how residuals are stored: `\"auto\"`: `\"int4\"` under "
-                               "the FSDP hooks, `\"float32\"` elsewhere; `\"float32\"`; "
+    residual_dtype: str = _opt("auto", "how residuals are stored: `\"auto\"`: under the FSDP "
+                               "hooks `\"int4\"` up to 7 ranks (where it fits in the rank's "
+                               "fp32 gradient shard) and no client residual from 8 on (int2's "
+                               "unbiased scale instead), `\"float32\"` elsewhere; `\"float32\"`; "
                                "`\"bfloat16\"` (half the memory); `\"int8\"` or `\"int4\"` "
                                "(codes with one f32 scale per 64 elements: 0.27x and 0.14x of "
                                "fp32). A client residual covers the whole gradient, so under "

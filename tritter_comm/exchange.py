@@ -16,6 +16,12 @@ Phase 1 alone is a compressed reduce-scatter (the FSDP hooks): ``Plan.even`` cut
 into the caller's equal shards (FSDP's, padding included; not block-aligned), ``start`` sends
 them and ``reduce_scatter`` decodes the owned one.
 
+An int2 encode without a residual (no error feedback in that phase) uses the unbiased scale
+(``codec.encode(..., unbiased=True)``): with fresh keys every step its decoded chunk is then an
+unbiased estimate of the input, where least squares' shrinks it by about 0.88 with nothing to
+carry the difference to a later step. An encode with a residual uses least squares, whose
+smaller error is what the residual keeps.
+
 A rank whose input holds NaN or Inf sends bodies whose scales are NaN (its residual untouched);
 the owner's average is then NaN, it sends NaN scales on, and every rank decodes a NaN chunk, so
 ``GradScaler`` sees the overflow everywhere in the same step.
@@ -30,7 +36,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .codec import (body_len, decode_body_into, decode_sum_into, encode_body_into,
+from .codec import (MODES, body_len, decode_body_into, decode_sum_into, encode_body_into,
                     encode_body_or_poison_into)
 
 #: Streams: bits 0 phase, 1-11 chunk, 12-31 bucket, 32-63 step.
@@ -143,10 +149,12 @@ def _encode(x, slot, *, seed, stream, plan, residual, timers, phase=0) -> None:
     if residual is not None and residual.dtype != x.dtype:
         work = residual.to(x.dtype)
     mode_id = plan.mode2_id if phase else plan.mode_id
+    unbiased = residual is None and mode_id == MODES["int2"]
     body = slot[: body_len(n, mode_id, plan.block_log2)]
     if x.device.type != "cpu":  # the codec's torch/Triton backend
         bad = encode_body_or_poison_into(x, body, seed=seed, stream=stream, mode_id=mode_id,
-                                         block_log2=plan.block_log2, residual=work)
+                                         block_log2=plan.block_log2, residual=work,
+                                         unbiased=unbiased)
         if work is not residual:
             # on the flag the widened copy is as it was; where() keeps even a NaN's payload
             keep = bad.bool()
@@ -158,7 +166,7 @@ def _encode(x, slot, *, seed, stream, plan, residual, timers, phase=0) -> None:
         try:
             encode_body_into(x, body, seed=seed, stream=stream, mode_id=mode_id,
                              block_log2=plan.block_log2, residual=work,
-                             check_finite=work is residual)
+                             check_finite=work is residual, unbiased=unbiased)
             if work is not residual:
                 residual.copy_(work)
         except ValueError:

@@ -23,9 +23,14 @@ from . import _auto
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RELEASE_TIMEOUT", "VSAState"]
+__all__ = ["INT4_FSDP_MAX_WORLD", "RELEASE_TIMEOUT", "VSAState"]
 
 _STATE_VERSION = 1
+
+#: The most ranks at which the FSDP hooks' ``"auto"`` residuals are int4. int4 takes
+#: 0.5 + 4/64 = 0.5625 bytes an element of a unit's full gradient and the rank's fp32 gradient
+#: shard 4 / world, so it fits in the shard up to 7 ranks (0.98x there, 1.13x at 8).
+INT4_FSDP_MAX_WORLD = int(4 / (0.5 + 4 / _res.BLOCK))
 _CONFIG_ROW_LEN = 32
 
 #: Seconds ``close()`` (and a failing step) waits for a collective in flight before it lets go.
@@ -314,12 +319,17 @@ class VSAState:
 
     # -- residuals ---------------------------------------------------------------------------
 
-    def residual_format(self, fsdp: bool = False) -> str:
-        """The format residuals are stored in: ``residual_dtype``, with ``"auto"`` resolved
-        (``"int4"`` for the FSDP hooks, ``fsdp=True``; ``"float32"`` for the others)."""
+    def residual_format(self, fsdp: bool = False, world: Optional[int] = None) -> str:
+        """The format residuals are stored in: ``residual_dtype``, with ``"auto"`` resolved.
+        For the FSDP hooks (``fsdp=True``) over ``world`` ranks: ``"int4"`` while its bytes fit
+        in the rank's fp32 gradient shard (``world <= INT4_FSDP_MAX_WORLD``), else ``"none"``:
+        no client residual, and the int2 encodes that would have used it take the unbiased
+        scale (``exchange``). ``"float32"`` for the other hooks."""
         fmt = self.config.residual_dtype
         if fmt == "auto":
-            return "int4" if fsdp else "float32"
+            if not fsdp:
+                return "float32"
+            return "int4" if world is None or world <= INT4_FSDP_MAX_WORLD else "none"
         return fmt
 
     def _residual(self, store: dict, key: int, n: int, device,
@@ -329,8 +339,13 @@ class VSAState:
         another ``residual_dtype``). ``segment``: the length of the chunks the exchange slices
         it into, where they are not multiples of the codec's block (FSDP's shards); a narrow
         residual (int8, int4) starts a block of scales at every one. ``fsdp``: asked by an
-        FSDP hook (``residual_format``)."""
-        fmt = self.residual_format(fsdp)
+        FSDP hook (``residual_format``): ``None`` where that resolves to ``"none"``."""
+        world = (dist.get_world_size(self.process_group)
+                 if fsdp and dist.is_available() and dist.is_initialized() else None)
+        fmt = self.residual_format(fsdp, world)
+        if fmt == "none":
+            store.pop(key, None)  # e.g. a checkpoint's, from fewer ranks
+            return None
         r = store.get(key)
         if r is not None and r.numel() == n and _res.fmt_of(r) != fmt:
             dense = r.dequantize() if isinstance(r, _res.QuantizedResidual) else r
