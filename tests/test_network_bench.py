@@ -90,3 +90,20 @@ def test_time_to_target_trains_the_runs_modes_but_not_auto_rows():
     from tritter_comm import VSAConfig
 
     assert run._hook_default_start() == VSAConfig().start_iter
+
+
+def test_time_to_target_uses_the_small_models_own_no_hook_step():
+    # another workload's no-hook row (a slower model on the same link) must not be the base
+    rows = [dict(workload=wl, world=2, link="1gbit", label=label, step_s_median=t,
+                 speedup_vs_none=sp)
+            for wl, label, t, sp in (("small", "none", 0.2, 1.0), ("small", "vsa", 0.1, 2.0),
+                                     ("mlp", "none", 20.0, 1.0), ("mlp", "vsa", 2.0, 10.0))]
+    ttt = {"target_loss": 1.0, "modes": {
+        "none": {"curve": [[10, 2.0], [20, 1.0]], "start_iter": 0},
+        "vsa": {"curve": [[10, 2.0], [20, 1.0]], "start_iter": 10}}}
+    report.add_ttt(rows, ttt)
+    small = {r["label"]: r for r in rows if r["workload"] == "small"}
+    assert small["none"]["time_to_target_s"] == pytest.approx(20 * 0.2)
+    # 10 steps before start_iter at no hook's step time, 10 at the hook's
+    assert small["vsa"]["time_to_target_s"] == pytest.approx(10 * 0.2 + 10 * 0.1)
+    assert all("time_to_target_s" not in r for r in rows if r["workload"] == "mlp")

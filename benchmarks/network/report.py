@@ -31,12 +31,13 @@ def add_ttt(rows: list[dict], ttt: dict) -> None:
     mode's step time is no hook's divided by its speedup, drift-free where steps were paired)."""
     if "modes" not in ttt:
         return
-    by = {(r["world"], r["link"], r["label"]): r for r in rows if "speedup_vs_none" in r}
+    by = {(r["workload"], r["world"], r["link"], r["label"]): r for r in rows
+          if "speedup_vs_none" in r}
     for r in rows:
         if r["workload"] != "small" or r["world"] != 2 or "speedup_vs_none" not in r:
             continue
         m = ttt["modes"].get(r["label"])
-        base = by.get((2, r["link"], "none"))
+        base = by.get(("small", 2, r["link"], "none"))
         if m is None or base is None:
             continue
         k = steps_to_target(m["curve"], ttt["target_loss"])
