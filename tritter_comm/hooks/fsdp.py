@@ -163,7 +163,7 @@ def reduce_scatter(state: VSAState, inp: torch.Tensor, out: torch.Tensor, *, key
     x = x if x.dtype == torch.float32 else x.float()
     # a narrow residual starts a block of scales at every shard (they are not block-aligned)
     res = (state._residual(state.residuals, key, plan.numel, x.device, segment=plan.chunk,
-                           fsdp=True)
+                           fsdp=True, world=world)
            if state.error_feedback else None)
     direct = out.dtype == torch.float32 and out.is_contiguous()
     acc = out.view(-1) if direct else torch.empty(plan.chunk, dtype=torch.float32,

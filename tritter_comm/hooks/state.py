@@ -333,15 +333,15 @@ class VSAState:
         return fmt
 
     def _residual(self, store: dict, key: int, n: int, device,
-                  segment: Optional[int] = None, fsdp: bool = False) -> Optional[_res.Residual]:
+                  segment: Optional[int] = None, fsdp: bool = False,
+                  world: Optional[int] = None) -> Optional[_res.Residual]:
         """The residual ``store[key]`` of ``n`` elements on ``device``, made (zero) where it is
         missing or of another size, converted where it is in another format (a checkpoint of
         another ``residual_dtype``). ``segment``: the length of the chunks the exchange slices
         it into, where they are not multiples of the codec's block (FSDP's shards); a narrow
         residual (int8, int4) starts a block of scales at every one. ``fsdp``: asked by an
-        FSDP hook (``residual_format``): ``None`` where that resolves to ``"none"``."""
-        world = (dist.get_world_size(self.process_group)
-                 if fsdp and dist.is_available() and dist.is_initialized() else None)
+        FSDP hook; ``world``: the ranks its reduce-scatter shards over (``residual_format``;
+        None where nothing is sharded, NO_SHARD). ``None`` where that resolves to ``"none"``."""
         fmt = self.residual_format(fsdp, world)
         if fmt == "none":
             store.pop(key, None)  # e.g. a checkpoint's, from fewer ranks
