@@ -298,9 +298,9 @@ def _one_spawn(specs: dict, workload: str, seeds: tuple, steps: int, args: Any) 
 #: The projection's model: 7B parameters, fp32 gradients.
 PROJ_PARAMS = 7e9
 #: Residual bytes an element of each stored form (tritter_comm/residual.py: one f32 scale per
-#: 64 elements for int8/int4); "no EF": error_feedback=False.
+#: 64 elements for int8/int4/int2); "no EF": error_feedback=False.
 RESIDUAL_BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8": 1 + 4 / 64, "int4": 0.5 + 4 / 64,
-                  "no EF": 0.0}
+                  "int2": 0.25 + 4 / 64, "no EF": 0.0}
 
 
 def _residual_form(row: dict[str, Any]) -> str:

@@ -41,7 +41,7 @@ ENV_SPEC = "TRITTER_COMM"
 ENV_CONFIG = "TRITTER_COMM_CONFIG"
 HOOKS = ("vsa", "none")
 
-RESIDUAL_DTYPES = ("auto", "float32", "bfloat16", "int8", "int4")
+RESIDUAL_DTYPES = ("auto", "float32", "bfloat16", "int8", "int4", "int2")
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
@@ -103,9 +103,9 @@ class VSAConfig:
                                "hooks `\"int4\"` up to 7 ranks (where it fits in the rank's "
                                "fp32 gradient shard) and no client residual from 8 on (int2's "
                                "unbiased scale instead), `\"float32\"` elsewhere; `\"float32\"`; "
-                               "`\"bfloat16\"` (half the memory); `\"int8\"` or `\"int4\"` "
-                               "(codes with one f32 scale per 64 elements: 0.27x and 0.14x of "
-                               "fp32). A client residual covers the whole gradient, so under "
+                               "`\"bfloat16\"` (half the memory); `\"int8\"`, `\"int4\"` or "
+                               "`\"int2\"` (codes with one f32 scale per 64 elements: 0.27x, "
+                               "0.14x and 0.078x of fp32). A client residual covers the whole gradient, so under "
                                "FSDP fp32 residuals take N times the rank's gradient shard, "
                                "int4 0.14 N times; ranks may differ here, and a checkpoint's "
                                "residuals are converted to this format", agreed=False)
@@ -144,7 +144,7 @@ class VSAConfig:
                              f"None (from LOCAL_WORLD_SIZE), got {self.intra_node_size!r}")
         if self.residual_dtype not in RESIDUAL_DTYPES:
             raise ValueError(f"residual_dtype must be one of {list(RESIDUAL_DTYPES)}, "
-                             f"got {self.residual_dtype!r} (int8/int4 store residuals "
+                             f"got {self.residual_dtype!r} (int8/int4/int2 store residuals "
                              "quantized, see tritter_comm/residual.py)")
 
     # -- derived ---------------------------------------------------------------------------------

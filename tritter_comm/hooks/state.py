@@ -262,7 +262,7 @@ class VSAState:
             "world_size": world,
             "config": self.config.to_dict(),
             "iter": self.iter,
-            # a tensor, or (residual_dtype int8/int4) a dict of codes and scales
+            # a tensor, or (residual_dtype int8/int4/int2) a dict of codes and scales
             "residuals": {k: _res.to_state(v) for k, v in self.residuals.items()},
             "server_residuals": {k: _res.to_state(v) for k, v in self.server_residuals.items()},
             "layout": {k: list(v) for k, v in self._layout.items()},
@@ -339,7 +339,7 @@ class VSAState:
         missing or of another size, converted where it is in another format (a checkpoint of
         another ``residual_dtype``). ``segment``: the length of the chunks the exchange slices
         it into, where they are not multiples of the codec's block (FSDP's shards); a narrow
-        residual (int8, int4) starts a block of scales at every one. ``fsdp``: asked by an
+        residual (int8, int4, int2) starts a block of scales at every one. ``fsdp``: asked by an
         FSDP hook; ``world``: the ranks its reduce-scatter shards over (``residual_format``;
         None where nothing is sharded, NO_SHARD). ``None`` where that resolves to ``"none"``."""
         fmt = self.residual_format(fsdp, world)
