@@ -390,7 +390,8 @@ def format_table(workload: str, rows: list[dict[str, Any]], world: int, baseline
 
 def projection() -> str:
     """FSDP client residual memory a rank for a 7B model: arithmetic, not a measurement."""
-    from tritter_comm.hooks.state import INT4_FSDP_MAX_WORLD
+    from tritter_comm import VSAState
+    from tritter_comm.hooks.state import INT2_FSDP_MAX_WORLD, INT4_FSDP_MAX_WORLD
 
     lines = ["### projection (arithmetic, not measured): FSDP, 7B parameters, fp32 gradients", "",
              "| residual | bytes a rank | 8 ranks: x shard | 64 ranks: x shard | "
@@ -401,10 +402,17 @@ def projection() -> str:
         total = PROJ_PARAMS * b
         lines.append(f"| {form} | {total / 1e9:.2f} GB | {total / (4 * PROJ_PARAMS / 8):.2f}x | "
                      f"{total / (4 * PROJ_PARAMS / 64):.2f}x | {model} |")
-    # the default: int4 up to INT4_FSDP_MAX_WORLD ranks, no client residual beyond
-    lines.append(f"| auto (the default: int4 up to {INT4_FSDP_MAX_WORLD} ranks, then none) | "
-                 f"{PROJ_PARAMS * RESIDUAL_BYTES['int4'] / 1e9:.2f} GB up to "
-                 f"{INT4_FSDP_MAX_WORLD} ranks, 0 beyond | 0 | 0 | {model} |")
+    # the default: the widest form that fits in the shard at each rank count
+    auto = VSAState()
+    cells = []
+    for world in (8, 64):
+        form = auto.residual_format(fsdp=True, world=world)
+        per = RESIDUAL_BYTES.get(form, 0.0)  # "none": no client residual
+        cells.append(f"{per / (4 / world):.2f}x ({form})")
+    lines.append(f"| auto (the default: int4 up to {INT4_FSDP_MAX_WORLD} ranks, int2 up to "
+                 f"{INT2_FSDP_MAX_WORLD}, then none) | "
+                 f"{PROJ_PARAMS * RESIDUAL_BYTES['int2'] / 1e9:.2f} GB at 8 ranks, 0 from "
+                 f"{INT2_FSDP_MAX_WORLD + 1} | {cells[0]} | {cells[1]} | {model} |")
     return "\n".join(lines)
 
 

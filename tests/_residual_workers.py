@@ -1,18 +1,29 @@
 """Trainings run inside the spawned ranks of tests/test_residual_memory.py: FSDP1, FSDP2 and DDP
-with narrow residuals (``residual_dtype`` int8/int4), reduced to what the tests compare."""
+with narrow residuals (``residual_dtype`` int8/int4/int2), reduced to what the tests compare."""
 
 from __future__ import annotations
 
 import _ddp_workers as D
 import _fsdp_workers as W
 
+import tritter_comm.hooks.state as S
+
 
 def fsdp_suite(rank, world, runs):
     """``runs``: name -> ``_fsdp_workers.train`` kwargs; returns name -> the state's memory,
-    the number of parameters, the hook's stats and the gathered model's bytes."""
+    the number of parameters, the hook's stats and the gathered model's bytes. A run's
+    ``int2_max_world`` stands in for ``INT2_FSDP_MAX_WORLD`` while it trains ("auto" past int2's
+    rank limit without 13 processes)."""
     out = {}
     for name, kw in runs.items():
-        r = W.train(rank, world, **kw)
+        kw = dict(kw)
+        limit, saved = kw.pop("int2_max_world", None), S.INT2_FSDP_MAX_WORLD
+        if limit is not None:
+            S.INT2_FSDP_MAX_WORLD = limit
+        try:
+            r = W.train(rank, world, **kw)
+        finally:
+            S.INT2_FSDP_MAX_WORLD = saved
         out[name] = {"stats": r["stats"], "n_params": r["n_params"], "full": r["full"],
                      "losses": r["losses"]}
     return out

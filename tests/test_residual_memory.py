@@ -167,31 +167,42 @@ def test_fsdp_residual_memory_against_the_shard(world, tmp_path):
             assert o[f"{api}-default"]["full"] == o[f"{api}-int4"]["full"]
 
 
-def test_fsdp_auto_keeps_no_client_residual_from_8_ranks():
+def test_fsdp_auto_is_int2_from_8_ranks_and_keeps_no_client_residual_past_12():
     """From 8 ranks int4 would take more than the rank's fp32 gradient shard (1.13x), so the
-    default ("auto") keeps no client residual: 0 bytes of hook state, and the same training,
-    bit for bit, as error_feedback=False (whose int2 encodes take the unbiased scale)."""
-    from tritter_comm.hooks.state import INT4_FSDP_MAX_WORLD
+    default ("auto") is int2 (0.63x) and trains bit for bit as ``residual_dtype="int2"``. Past
+    ``INT2_FSDP_MAX_WORLD`` (12) int2 would pass the shard too, and "auto" keeps no client
+    residual: with that limit lowered to 7 in the ranks, the default holds 0 bytes and trains bit
+    for bit as error_feedback=False (whose int2 encodes take the unbiased scale)."""
+    from tritter_comm.hooks.state import INT2_FSDP_MAX_WORLD, INT4_FSDP_MAX_WORLD
 
     world = 8
-    assert INT4_FSDP_MAX_WORLD == 7
+    assert (INT4_FSDP_MAX_WORLD, INT2_FSDP_MAX_WORLD) == (7, 12)
     runs = {}
     for api in APIS:
-        runs[f"{api}-default"] = dict(api=api, steps=4, hook=HOOK, width=64)
-        runs[f"{api}-no-ef"] = dict(api=api, steps=4, hook=dict(HOOK, error_feedback=False),
-                                    width=64)
-        runs[f"{api}-int4"] = dict(api=api, steps=4, hook=dict(HOOK, residual_dtype="int4"),
-                                   width=64)
+        for name, hook, extra in (
+                ("default", HOOK, {}),
+                ("int2", dict(HOOK, residual_dtype="int2"), {}),
+                ("int4", dict(HOOK, residual_dtype="int4"), {}),
+                ("default-past-int2", HOOK, {"int2_max_world": 7}),
+                ("no-ef", dict(HOOK, error_feedback=False), {})):
+            runs[f"{api}-{name}"] = dict(api=api, steps=4, hook=hook, width=64, **extra)
     out = run(R.fsdp_suite, world, runs, timeout=400)
     for api in APIS:
         for o in out:
-            assert o[f"{api}-default"]["stats"]["state_bytes"] == 0
-            assert o[f"{api}-default"]["full"] == o[f"{api}-no-ef"]["full"]
+            frac = {k: o[f"{api}-{k}"]["stats"]["state_bytes"] / _shard_bytes(o[f"{api}-{k}"],
+                                                                               world)
+                    for k in ("default", "int2", "int4")}
+            # 0.625x, plus each small shard's padding to whole blocks of 64 at this width
+            assert 0.6 <= frac["default"] == frac["int2"] <= 0.75, frac
+            assert o[f"{api}-default"]["full"] == o[f"{api}-int2"]["full"]
             # int4, asked for, is kept: above the shard at this rank count, and trained otherwise
-            assert o[f"{api}-int4"]["stats"]["state_bytes"] / _shard_bytes(o[f"{api}-int4"],
-                                                                           world) > 1.0
+            assert frac["int4"] > 1.0, frac
             assert o[f"{api}-int4"]["full"] != o[f"{api}-default"]["full"]
-        assert len({o[f"{api}-default"]["full"] for o in out}) == 1
+            assert o[f"{api}-default-past-int2"]["stats"]["state_bytes"] == 0
+            assert o[f"{api}-default-past-int2"]["full"] == o[f"{api}-no-ef"]["full"]
+            assert o[f"{api}-no-ef"]["full"] != o[f"{api}-default"]["full"]
+        for k in ("default", "default-past-int2"):
+            assert len({o[f"{api}-{k}"]["full"] for o in out}) == 1, (api, k)
 
 
 def test_exchange_encodes_without_a_residual_take_the_unbiased_scale():
@@ -264,10 +275,17 @@ def test_auto_resolves_by_hook():
     s = tritter_comm.VSAState()
     assert s.residual_dtype == "auto"
     assert s.residual_format() == "float32" and s.residual_format(fsdp=True) == "int4"
-    assert [s.residual_format(fsdp=True, world=w) for w in (2, 7, 8, 64)] == [
-        "int4", "int4", "none", "none"]
+    assert [s.residual_format(fsdp=True, world=w) for w in (2, 7, 8, 12, 13, 64)] == [
+        "int4", "int4", "int2", "int2", "none", "none"]
     assert s.residual_format(world=64) == "float32"
-    for fmt in ("float32", "bfloat16", "int8", "int4"):
+    # each form's bytes an element of the full gradient, against the shard's 4 / world
+    per = {"int4": 0.5 + 4 / 64, "int2": 0.25 + 4 / 64, "none": 0.0}
+    for w in range(2, 65):
+        f = s.residual_format(fsdp=True, world=w)
+        assert per[f] <= 4 / w, (w, f)
+        wider = {"none": "int2", "int2": "int4"}.get(f)
+        assert wider is None or per[wider] > 4 / w, (w, f)  # the widest that fits
+    for fmt in ("float32", "bfloat16", "int8", "int4", "int2"):
         t = tritter_comm.VSAState(residual_dtype=fmt)
         assert t.residual_format() == t.residual_format(fsdp=True) == fmt
 

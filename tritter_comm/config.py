@@ -100,9 +100,10 @@ class VSAConfig:
                       "this link and compress only where it is faster; every rank makes the "
                       "same choice (`stats()[\"auto\"]`)")
     residual_dtype: str = _opt("auto", "how residuals are stored: `\"auto\"`: under the FSDP "
-                               "hooks `\"int4\"` up to 7 ranks (where it fits in the rank's "
-                               "fp32 gradient shard) and no client residual from 8 on (int2's "
-                               "unbiased scale instead), `\"float32\"` elsewhere; `\"float32\"`; "
+                               "hooks the widest form that fits in the rank's fp32 gradient "
+                               "shard, `\"int4\"` up to 7 ranks, `\"int2\"` up to 12, no client "
+                               "residual from 13 on (int2's unbiased scale instead), "
+                               "`\"float32\"` elsewhere; `\"float32\"`; "
                                "`\"bfloat16\"` (half the memory); `\"int8\"`, `\"int4\"` or "
                                "`\"int2\"` (codes with one f32 scale per 64 elements: 0.27x, "
                                "0.14x and 0.078x of fp32). A client residual covers the whole gradient, so under "

@@ -23,7 +23,7 @@ from . import _auto
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["INT4_FSDP_MAX_WORLD", "RELEASE_TIMEOUT", "VSAState"]
+__all__ = ["INT2_FSDP_MAX_WORLD", "INT4_FSDP_MAX_WORLD", "RELEASE_TIMEOUT", "VSAState"]
 
 _STATE_VERSION = 1
 
@@ -31,6 +31,9 @@ _STATE_VERSION = 1
 #: 0.5 + 4/64 = 0.5625 bytes an element of a unit's full gradient and the rank's fp32 gradient
 #: shard 4 / world, so it fits in the shard up to 7 ranks (0.98x there, 1.13x at 8).
 INT4_FSDP_MAX_WORLD = int(4 / (0.5 + 4 / _res.BLOCK))
+#: The most ranks at which they are int2: 0.25 + 4/64 = 0.3125 bytes an element, in the shard up
+#: to 12 ranks (0.63x at 8, 0.94x at 12, 1.02x at 13). From 13 on there is no client residual.
+INT2_FSDP_MAX_WORLD = int(4 / (0.25 + 4 / _res.BLOCK))
 _CONFIG_ROW_LEN = 32
 
 #: Seconds ``close()`` (and a failing step) waits for a collective in flight before it lets go.
@@ -321,15 +324,18 @@ class VSAState:
 
     def residual_format(self, fsdp: bool = False, world: Optional[int] = None) -> str:
         """The format residuals are stored in: ``residual_dtype``, with ``"auto"`` resolved.
-        For the FSDP hooks (``fsdp=True``) over ``world`` ranks: ``"int4"`` while its bytes fit
-        in the rank's fp32 gradient shard (``world <= INT4_FSDP_MAX_WORLD``), else ``"none"``:
-        no client residual, and the int2 encodes that would have used it take the unbiased
-        scale (``exchange``). ``"float32"`` for the other hooks."""
+        For the FSDP hooks (``fsdp=True``) over ``world`` ranks, the widest form whose bytes fit
+        in the rank's fp32 gradient shard: ``"int4"`` up to ``INT4_FSDP_MAX_WORLD`` ranks (and
+        where nothing is sharded, ``world=None``), ``"int2"`` up to ``INT2_FSDP_MAX_WORLD``,
+        else ``"none"``: no client residual, and the int2 encodes that would have used it take
+        the unbiased scale (``exchange``). ``"float32"`` for the other hooks."""
         fmt = self.config.residual_dtype
         if fmt == "auto":
             if not fsdp:
                 return "float32"
-            return "int4" if world is None or world <= INT4_FSDP_MAX_WORLD else "none"
+            if world is None or world <= INT4_FSDP_MAX_WORLD:
+                return "int4"
+            return "int2" if world <= INT2_FSDP_MAX_WORLD else "none"
         return fmt
 
     def _residual(self, store: dict, key: int, n: int, device,
