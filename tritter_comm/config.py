@@ -106,10 +106,11 @@ class VSAConfig:
                                "`\"float32\"` elsewhere; `\"float32\"`; "
                                "`\"bfloat16\"` (half the memory); `\"int8\"`, `\"int4\"` or "
                                "`\"int2\"` (codes with one f32 scale per 64 elements: 0.27x, "
-                               "0.14x and 0.078x of fp32). A client residual covers the whole gradient, so under "
-                               "FSDP fp32 residuals take N times the rank's gradient shard, "
-                               "int4 0.14 N times; ranks may differ here, and a checkpoint's "
-                               "residuals are converted to this format", agreed=False)
+                               "0.14x and 0.078x of fp32). A client residual covers the whole "
+                               "gradient, so under FSDP fp32 residuals take N times the rank's "
+                               "gradient shard, int4 0.14 N times; ranks may differ here, and a "
+                               "checkpoint's residuals are converted to this format",
+                               agreed=False)
     intra_node_size: Optional[int] = _opt(None, "ranks a node (ranks `n*L .. n*L+L-1` share a fast "
                                           "link): reduce plainly inside the node and compress only "
                                           "across nodes (docs/USAGE.md, \"Node-aware exchange\"); "

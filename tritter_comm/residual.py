@@ -40,8 +40,8 @@ from typing import Optional, Union
 
 import torch
 
-__all__ = ["BITS", "BLOCK", "FORMATS", "QuantizedResidual", "Window", "make", "nbytes", "from_state",
-           "to_state"]
+__all__ = ["BITS", "BLOCK", "FORMATS", "QuantizedResidual", "Window", "make", "nbytes",
+           "from_state", "to_state"]
 
 #: Elements per scale.
 BLOCK = 64
