@@ -60,6 +60,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from benchmarks import comm, convergence, workloads  # noqa: E402
+from tritter_comm.residual import bytes_per_element  # noqa: E402
 
 APIS = ("fsdp1", "fsdp2")
 DEFAULT_MODES = ("none", "fsdp1-none", "fsdp1-vsa-ternary", "fsdp2-none", "fsdp2-vsa-ternary")
@@ -299,8 +300,8 @@ def _one_spawn(specs: dict, workload: str, seeds: tuple, steps: int, args: Any) 
 PROJ_PARAMS = 7e9
 #: Residual bytes an element of each stored form (tritter_comm/residual.py: one f32 scale per
 #: 64 elements for int8/int4/int2); "no EF": error_feedback=False.
-RESIDUAL_BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8": 1 + 4 / 64, "int4": 0.5 + 4 / 64,
-                  "int2": 0.25 + 4 / 64, "no EF": 0.0}
+RESIDUAL_BYTES = {"float32": 4.0, "bfloat16": 2.0,
+                  **{f: bytes_per_element(f) for f in ("int8", "int4", "int2")}, "no EF": 0.0}
 
 
 def _residual_form(row: dict[str, Any]) -> str:
@@ -404,14 +405,12 @@ def projection() -> str:
                      f"{total / (4 * PROJ_PARAMS / 64):.2f}x | {model} |")
     # the default: the widest form that fits in the shard at each rank count
     auto = VSAState()
-    cells = []
-    for world in (8, 64):
-        form = auto.residual_format(fsdp=True, world=world)
-        per = RESIDUAL_BYTES.get(form, 0.0)  # "none": no client residual
-        cells.append(f"{per / (4 / world):.2f}x ({form})")
+    forms = {w: auto.residual_format(fsdp=True, world=w) for w in (8, 64)}
+    per = {w: RESIDUAL_BYTES.get(f, 0.0) for w, f in forms.items()}  # "none": no residual
+    cells = [f"{per[w] / (4 / w):.2f}x ({forms[w]})" for w in forms]
     lines.append(f"| auto (the default: int4 up to {INT4_FSDP_MAX_WORLD} ranks, int2 up to "
                  f"{INT2_FSDP_MAX_WORLD}, then none) | "
-                 f"{PROJ_PARAMS * RESIDUAL_BYTES['int2'] / 1e9:.2f} GB at 8 ranks, 0 from "
+                 f"{PROJ_PARAMS * per[8] / 1e9:.2f} GB at 8 ranks, 0 from "
                  f"{INT2_FSDP_MAX_WORLD + 1} | {cells[0]} | {cells[1]} | {model} |")
     return "\n".join(lines)
 

@@ -40,8 +40,8 @@ from typing import Optional, Union
 
 import torch
 
-__all__ = ["BITS", "BLOCK", "FORMATS", "QuantizedResidual", "Window", "make", "nbytes",
-           "from_state", "to_state"]
+__all__ = ["BITS", "BLOCK", "FORMATS", "QuantizedResidual", "Window", "bytes_per_element", "make",
+           "nbytes", "from_state", "to_state"]
 
 #: Elements per scale.
 BLOCK = 64
@@ -50,6 +50,14 @@ BLOCK = 64
 FORMATS = {"int8": 127, "int4": 7, "int2": 3}
 #: Bits a code.
 BITS = {"int8": 8, "int4": 4, "int2": 2}
+
+
+def bytes_per_element(fmt: str) -> float:
+    """Memory an element of a narrow format takes: its code plus its share of a block's float32
+    scale (int8 1.0625, int4 0.5625, int2 0.3125)."""
+    return BITS[fmt] / 8 + 4 / BLOCK
+
+
 #: int2's step over the block's root mean square: the uniform 4-level quantizer of least squared
 #: error for a Gaussian (Max, 1960).
 INT2_STEP = 0.9957
@@ -75,11 +83,16 @@ class QuantizedResidual:
         self.fmt = fmt
         self.segment = self.n if not segment else int(segment)
         nblocks = self._padded_len() // BLOCK
-        self.codes = torch.zeros(nblocks * BLOCK * BITS[fmt] // 8,
+        self.codes = torch.zeros(nblocks * self._block_bytes,
                                  dtype=torch.int8 if fmt == "int8" else torch.uint8, device=device)
         self.scales = torch.zeros(nblocks, dtype=torch.float32, device=device)
 
     # -- layout ------------------------------------------------------------------------------
+
+    @property
+    def _block_bytes(self) -> int:
+        """Code bytes a block of :data:`BLOCK` elements."""
+        return BLOCK * BITS[self.fmt] // 8
 
     def _seg_padded(self) -> int:
         return -(-self.segment // BLOCK) * BLOCK
@@ -158,7 +171,7 @@ class QuantizedResidual:
 
     def _load(self, lo: int, hi: int) -> torch.Tensor:
         b0, b1 = self._range(lo, hi)
-        per = BLOCK * BITS[self.fmt] // 8  # code bytes a block
+        per = self._block_bytes
         packed = self.codes[b0 * per:b1 * per]
         if self.fmt == "int8":
             q = packed.to(torch.float32)
@@ -192,7 +205,7 @@ class QuantizedResidual:
             scale = v.abs().amax(dim=1)
             inv = torch.where(scale > 0, qmax / scale, torch.zeros_like(scale))
             q = torch.round(v * inv.unsqueeze(1)).clamp_(-qmax, qmax).reshape(-1)
-        per = BLOCK * BITS[self.fmt] // 8
+        per = self._block_bytes
         cs = slice(b0 * per, b1 * per)
         if self.fmt == "int8":
             codes = q.to(torch.int8)

@@ -30,10 +30,10 @@ _STATE_VERSION = 1
 #: The most ranks at which the FSDP hooks' ``"auto"`` residuals are int4. int4 takes
 #: 0.5 + 4/64 = 0.5625 bytes an element of a unit's full gradient and the rank's fp32 gradient
 #: shard 4 / world, so it fits in the shard up to 7 ranks (0.98x there, 1.13x at 8).
-INT4_FSDP_MAX_WORLD = int(4 / (0.5 + 4 / _res.BLOCK))
+INT4_FSDP_MAX_WORLD = int(4 / _res.bytes_per_element("int4"))
 #: The most ranks at which they are int2: 0.25 + 4/64 = 0.3125 bytes an element, in the shard up
 #: to 12 ranks (0.63x at 8, 0.94x at 12, 1.02x at 13). From 13 on there is no client residual.
-INT2_FSDP_MAX_WORLD = int(4 / (0.25 + 4 / _res.BLOCK))
+INT2_FSDP_MAX_WORLD = int(4 / _res.bytes_per_element("int2"))
 _CONFIG_ROW_LEN = 32
 
 #: Seconds ``close()`` (and a failing step) waits for a collective in flight before it lets go.
