@@ -60,7 +60,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from benchmarks import comm, convergence, workloads  # noqa: E402
-from tritter_comm.residual import bytes_per_element  # noqa: E402
+from tritter_comm.residual import (BLOCK, TOPK, TOPK_BLOCK_BYTES, TopkResidual,  # noqa: E402
+                                   bytes_per_element)
 
 APIS = ("fsdp1", "fsdp2")
 DEFAULT_MODES = ("none", "fsdp1-none", "fsdp1-vsa-ternary", "fsdp2-none", "fsdp2-vsa-ternary")
@@ -187,8 +188,9 @@ def _train_one(rank: int, task: convergence.Task, seed: int, q: Any) -> dict[str
                            "param_sha256": _digest(full), "fsdp_api": api,
                            "numel": numel,  # workload_info counts FSDP1's shard
                            # how this state stored its residuals ("auto" resolved)
-                           "residual_format": (state.residual_format(fsdp=api is not None)
-                                               if state is not None else None)}
+                           "residual_format": (state.residual_format(
+                               fsdp=api is not None, world=task.world if api else None)
+                               if state is not None else None)}
     if rank == 0:
         fp32 = (task.world - 1) / task.world * numel * 4  # an fp32 reduce-scatter
         if state is None:
@@ -403,15 +405,25 @@ def projection() -> str:
         total = PROJ_PARAMS * b
         lines.append(f"| {form} | {total / 1e9:.2f} GB | {total / (4 * PROJ_PARAMS / 8):.2f}x | "
                      f"{total / (4 * PROJ_PARAMS / 64):.2f}x | {model} |")
-    # the default: the widest form that fits in the shard at each rank count
+    # the default: the widest form that fits in the shard at each rank count; int2-topk keeps
+    # the blocks of most energy that fit (TopkResidual.blocks_within), 24 bytes a block
     auto = VSAState()
     forms = {w: auto.residual_format(fsdp=True, world=w) for w in (8, 64)}
-    per = {w: RESIDUAL_BYTES.get(f, 0.0) for w, f in forms.items()}  # "none": no residual
-    cells = [f"{per[w] / (4 / w):.2f}x ({forms[w]})" for w in forms]
+    per, kept = {}, {}
+    for w, f in forms.items():
+        if f == TOPK:
+            seg = PROJ_PARAMS / w
+            k = min(TopkResidual.blocks_within(PROJ_PARAMS, seg, 4 * seg), seg / BLOCK)
+            per[w], kept[w] = w * k * TOPK_BLOCK_BYTES / PROJ_PARAMS, k / (seg / BLOCK)
+        else:
+            per[w] = RESIDUAL_BYTES[f]
+    cells = [f"{per[w] / (4 / w):.2f}x ({forms[w]}"
+             + (f", {kept[w]:.0%} of the blocks)" if w in kept else ")") for w in forms]
     lines.append(f"| auto (the default: int4 up to {INT4_FSDP_MAX_WORLD} ranks, int2 up to "
-                 f"{INT2_FSDP_MAX_WORLD}, then none) | "
-                 f"{PROJ_PARAMS * per[8] / 1e9:.2f} GB at 8 ranks, 0 from "
-                 f"{INT2_FSDP_MAX_WORLD + 1} | {cells[0]} | {cells[1]} | {model} |")
+                 f"{INT2_FSDP_MAX_WORLD}, then int2-topk within the shard) | "
+                 f"{PROJ_PARAMS * per[8] / 1e9:.2f} GB at 8 ranks, "
+                 f"{PROJ_PARAMS * per[64] / 1e9:.2f} GB at 64 | {cells[0]} | {cells[1]} | "
+                 f"{model} |")
     return "\n".join(lines)
 
 

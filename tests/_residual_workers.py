@@ -6,24 +6,13 @@ from __future__ import annotations
 import _ddp_workers as D
 import _fsdp_workers as W
 
-import tritter_comm.hooks.state as S
-
 
 def fsdp_suite(rank, world, runs):
     """``runs``: name -> ``_fsdp_workers.train`` kwargs; returns name -> the state's memory,
-    the number of parameters, the hook's stats and the gathered model's bytes. A run's
-    ``int2_max_world`` stands in for ``INT2_FSDP_MAX_WORLD`` while it trains ("auto" past int2's
-    rank limit without 13 processes)."""
+    the number of parameters, the hook's stats and the gathered model's bytes."""
     out = {}
     for name, kw in runs.items():
-        kw = dict(kw)
-        limit, saved = kw.pop("int2_max_world", None), S.INT2_FSDP_MAX_WORLD
-        if limit is not None:
-            S.INT2_FSDP_MAX_WORLD = limit
-        try:
-            r = W.train(rank, world, **kw)
-        finally:
-            S.INT2_FSDP_MAX_WORLD = saved
+        r = W.train(rank, world, **kw)
         out[name] = {"stats": r["stats"], "n_params": r["n_params"], "full": r["full"],
                      "losses": r["losses"]}
     return out

@@ -65,7 +65,8 @@ from tritter_comm import VSAConfig, VSAState  # noqa: E402
 def _non_defaults():
     return dict(mode="ternary", phase2_mode="int2", block_size=256, seed=2**64 - 1, start_iter=7,
                 min_compress_numel=3, error_feedback=False, server_error_feedback=False,
-                fixed_keys=True, auto=True, residual_dtype="bfloat16", intra_node_size=2)
+                fixed_keys=True, auto=True, residual_dtype="bfloat16", residual_budget=0.5,
+                intra_node_size=2)
 
 
 def test_every_field_round_trips_spec_config_row_config():
@@ -75,9 +76,10 @@ def test_every_field_round_trips_spec_config_row_config():
     c = VSAConfig.from_spec(spec)
     assert c == VSAConfig(**opts) == VSAConfig.from_dict(opts)
     back = VSAConfig.read_row(c.row())
-    agreed = {k: v for k, v in opts.items() if k != "residual_dtype"}  # ranks may differ there
+    mine = ("residual_dtype", "residual_budget")  # ranks may differ there
+    agreed = {k: v for k, v in opts.items() if k not in mine}
     assert back == agreed
-    assert VSAConfig(**back, residual_dtype="bfloat16") == c
+    assert VSAConfig(**back, residual_dtype="bfloat16", residual_budget=0.5) == c
     assert VSAConfig.from_spec(c.describe()) == c
     assert VSAConfig.from_spec("vsa") == VSAConfig()
 
@@ -99,6 +101,10 @@ def test_from_env_and_none():
     (dict(min_compress_numel=0), "min_compress_numel"),
     (dict(auto="maybe"), "auto must be True or False"),
     (dict(residual_dtype="float16"), "residual_dtype"),
+    (dict(residual_budget=0), "residual_budget must be a positive number"),
+    (dict(residual_budget=float("inf")), "residual_budget"),
+    (dict(residual_budget="half"), "residual_budget"),
+    (dict(residual_budget=True), "residual_budget"),
 ])
 def test_each_bad_value_names_its_field(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -2,6 +2,8 @@
 codes with one f32 scale per 64 elements (``residual_dtype``), their memory in
 ``stats()["state_bytes"]``, their round trip through the state dict, on real gloo ranks."""
 
+import math
+
 import pytest
 import torch
 
@@ -123,6 +125,114 @@ def test_saved_residual_of_the_wrong_shape_is_a_clear_value_error():
         res.from_state(s)
 
 
+# -- int2-topk: the blocks of most energy, within a byte budget --------------------------------------
+
+
+def _stored(r, x, seg):
+    for lo in range(0, r.numel(), seg):  # as the exchange writes it: a segment at a time
+        r[lo:lo + seg].copy_(x[lo:lo + seg])
+    return r.dequantize()
+
+
+@pytest.mark.parametrize("n,segment", [(6400, 1600), (6000, 1999), (100, None)])
+def test_topk_residual_keeps_the_blocks_of_most_energy(n, segment):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(n, generator=g) * torch.rand(n, generator=g).pow(4) * 10
+    seg = segment or n
+    budget = 4 * seg * 0.3  # 0.3x one segment in float32
+    r = res.make(n, res.TOPK, "cpu", segment, budget=budget)
+    assert r.nbytes == res.nbytes(r) <= budget and r.kept > 0
+    y = _stored(r, x, seg)
+    dense = _stored(res.make(n, "int2", "cpu", segment), x, seg)
+    for lo in range(0, n, seg):
+        xs, ys = x[lo:lo + seg], y[lo:lo + seg]
+        nb = -(-xs.numel() // res.BLOCK)
+        energy = torch.zeros(nb * res.BLOCK)
+        energy[:xs.numel()] = xs.square()
+        energy = energy.view(nb, -1).sum(dim=1)
+        k = min(r.kept, nb)
+        top = set(torch.topk(energy, k).indices.tolist())
+        for b in range(nb):
+            blk = slice(b * res.BLOCK, (b + 1) * res.BLOCK)
+            if b in top:  # int2 as the dense form stores it
+                assert torch.equal(ys[blk], dense[lo:lo + seg][blk]), b
+            else:
+                assert not ys[blk].any(), b
+        if k < nb:  # what it keeps: more than its share of the energy
+            kept = float(sum(energy[b] for b in top) / energy.sum())
+            assert kept > k / nb
+    assert r.partial == (r.kept < -(-min(seg, n) // res.BLOCK))
+    assert torch.equal(res.from_state(res.to_state(r)).dequantize(), y)
+    assert res.fmt_of(res.from_state(res.to_state(r))) == res.TOPK
+
+
+def test_topk_residual_layout_and_errors():
+    # every block fits: the dense int2 values, and not partial (least squares' scale)
+    x = torch.randn(1000)
+    full = res.make(1000, res.TOPK, "cpu", 250, budget=4 * 250)
+    assert not full.partial and full.kept >= 4
+    assert torch.equal(_stored(full, x, 250), _stored(res.make(1000, "int2", "cpu", 250), x, 250))
+    # 13 segments (FSDP at 13 ranks) in one segment's float32 bytes: about 82% of the blocks
+    seg = 64 * 1000
+    r = res.make(13 * seg, res.TOPK, "cpu", seg, budget=4 * seg)
+    assert r.partial and r.nbytes <= 4 * seg and 0.8 < r.kept / 1000 < 0.83
+    with pytest.raises(ValueError, match="whole segment"):
+        r[0:64].to(torch.float32)
+    with pytest.raises(ValueError, match="whole segment"):
+        r[0:seg + 64].copy_(torch.zeros(seg + 64))
+    # a budget below one block a segment keeps nothing, and reads zero
+    none = res.make(1000, res.TOPK, "cpu", 250, budget=10)
+    assert none.kept == 0 and none.nbytes == 0 and not _stored(none, x, 250).any()
+    empty = res.make(0, res.TOPK, "cpu", budget=100)
+    assert empty.nbytes == 0 and empty.dequantize().numel() == 0 and not empty.partial
+    s = res.to_state(r)
+    s["index"] = s["index"] + 5000
+    with pytest.raises(ValueError, match="outside its segments"):
+        res.from_state(s)
+    s = res.to_state(r)
+    s["index"] = s["index"][:-1]
+    with pytest.raises(ValueError, match="expected"):
+        res.from_state(s)
+
+
+def test_topk_keep_flag_leaves_the_stored_bits_as_they_are():
+    g = torch.Generator().manual_seed(5)
+    r = res.make(2000, res.TOPK, "cpu", 1000, budget=4 * 1000 * 0.4)
+    _stored(r, torch.randn(2000, generator=g), 1000)
+    before = [t.clone() for t in (r.codes, r.scales, r.index)]
+    new = torch.randn(2000, generator=g) * torch.linspace(0, 9, 2000)
+    r[1000:2000].copy_(new[1000:2000], keep=torch.tensor(True))
+    assert all(torch.equal(a, b) for a, b in zip(before, (r.codes, r.scales, r.index)))
+    r[1000:2000].copy_(new[1000:2000], keep=torch.tensor(False))
+    plain = res.make(2000, res.TOPK, "cpu", 1000, budget=4 * 1000 * 0.4)
+    plain[1000:2000].copy_(new[1000:2000])
+    torch.testing.assert_close(r[1000:2000].to(torch.float32),
+                               plain[1000:2000].to(torch.float32), rtol=0, atol=0)
+    k = r.kept
+    assert torch.equal(r.index[:k], before[2][:k])  # the other segment kept its bits
+
+
+def test_state_makes_topk_within_the_budget_and_converts_on_a_new_budget():
+    n, world = 13 * 6400, 13
+    s = tritter_comm.VSAState()
+    r = s._residual(s.residuals, 0, n, "cpu", segment=n // world, fsdp=True, world=world)
+    assert res.fmt_of(r) == res.TOPK and r.partial and r.nbytes <= 4 * n // world
+    x = torch.randn(n)
+    _stored(r, x, n // world)
+    half = tritter_comm.VSAState(residual_budget=0.5)
+    half.load_state_dict(s.state_dict())  # the budget may differ: converted at next use
+    h = half._residual(half.residuals, 0, n, "cpu", segment=n // world, fsdp=True, world=world)
+    assert h.nbytes <= 2 * n // world and h.kept == r.kept // 2
+    # h keeps the blocks of most energy of r's values
+    dense = r.dequantize()
+    assert float(h.dequantize().square().sum()) >= 0.45 * float(dense.square().sum())
+    assert half.residuals[0] is h
+    # asked for where nothing is sharded (DDP, NO_SHARD): int2
+    t = tritter_comm.VSAState(residual_dtype="int2-topk")
+    assert t.residual_format() == t.residual_format(fsdp=True) == "int2"
+    assert t.residual_format(fsdp=True, world=4) == res.TOPK
+
+
 # -- FSDP on real ranks ----------------------------------------------------------------------------
 
 
@@ -167,25 +277,19 @@ def test_fsdp_residual_memory_against_the_shard(world, tmp_path):
             assert o[f"{api}-default"]["full"] == o[f"{api}-int4"]["full"]
 
 
-def test_fsdp_auto_is_int2_from_8_ranks_and_keeps_no_client_residual_past_12():
+def test_fsdp_auto_is_int2_at_8_ranks():
     """From 8 ranks int4 would take more than the rank's fp32 gradient shard (1.13x), so the
-    default ("auto") is int2 (0.63x) and trains bit for bit as ``residual_dtype="int2"``. Past
-    ``INT2_FSDP_MAX_WORLD`` (12) int2 would pass the shard too, and "auto" keeps no client
-    residual: with that limit lowered to 7 in the ranks, the default holds 0 bytes and trains bit
-    for bit as error_feedback=False (whose int2 encodes take the unbiased scale)."""
+    default ("auto") is int2 (0.63x) and trains bit for bit as ``residual_dtype="int2"``; int4,
+    asked for, is kept there."""
     from tritter_comm.hooks.state import INT2_FSDP_MAX_WORLD, INT4_FSDP_MAX_WORLD
 
     world = 8
     assert (INT4_FSDP_MAX_WORLD, INT2_FSDP_MAX_WORLD) == (7, 12)
     runs = {}
     for api in APIS:
-        for name, hook, extra in (
-                ("default", HOOK, {}),
-                ("int2", dict(HOOK, residual_dtype="int2"), {}),
-                ("int4", dict(HOOK, residual_dtype="int4"), {}),
-                ("default-past-int2", HOOK, {"int2_max_world": 7}),
-                ("no-ef", dict(HOOK, error_feedback=False), {})):
-            runs[f"{api}-{name}"] = dict(api=api, steps=4, hook=hook, width=64, **extra)
+        for name, hook in (("default", HOOK), ("int2", dict(HOOK, residual_dtype="int2")),
+                           ("int4", dict(HOOK, residual_dtype="int4"))):
+            runs[f"{api}-{name}"] = dict(api=api, steps=4, hook=hook, width=64)
     out = run(R.fsdp_suite, world, runs, timeout=400)
     for api in APIS:
         for o in out:
@@ -198,10 +302,34 @@ def test_fsdp_auto_is_int2_from_8_ranks_and_keeps_no_client_residual_past_12():
             # int4, asked for, is kept: above the shard at this rank count, and trained otherwise
             assert frac["int4"] > 1.0, frac
             assert o[f"{api}-int4"]["full"] != o[f"{api}-default"]["full"]
-            assert o[f"{api}-default-past-int2"]["stats"]["state_bytes"] == 0
-            assert o[f"{api}-default-past-int2"]["full"] == o[f"{api}-no-ef"]["full"]
-            assert o[f"{api}-no-ef"]["full"] != o[f"{api}-default"]["full"]
-        for k in ("default", "default-past-int2"):
+        assert len({o[f"{api}-default"]["full"] for o in out}) == 1, api
+
+
+def test_fsdp_auto_past_int2_keeps_the_top_blocks_within_the_budget():
+    """Where int2 would pass the budget (from 13 ranks at ``residual_budget=1``; here 4 ranks at
+    0.25, where int2 takes 0.31x), "auto" is int2-topk: at most the budget, some state kept, the
+    same training bit for bit as ``residual_dtype="int2-topk"``, and not that of no residual.
+    int2-topk whose blocks all fit (a budget of 1 at 4 ranks) trains bit for bit as int2."""
+    world, quarter = 4, dict(HOOK, residual_budget=0.25)
+    runs = {}
+    for api in APIS:
+        for name, hook in (("default", quarter),
+                           ("topk", dict(quarter, residual_dtype="int2-topk")),
+                           ("no-ef", dict(HOOK, error_feedback=False)),
+                           ("topk-all", dict(HOOK, residual_dtype="int2-topk")),
+                           ("int2", dict(HOOK, residual_dtype="int2"))):
+            runs[f"{api}-{name}"] = dict(api=api, steps=6, hook=hook, width=256)
+    out = run(R.fsdp_suite, world, runs, timeout=300)
+    for api in APIS:
+        for o in out:
+            d = o[f"{api}-default"]
+            frac = d["stats"]["state_bytes"] / _shard_bytes(d, world)
+            assert 0.1 < frac <= 0.25, frac
+            assert d["full"] == o[f"{api}-topk"]["full"]
+            assert d["full"] != o[f"{api}-no-ef"]["full"]
+            assert o[f"{api}-topk-all"]["full"] == o[f"{api}-int2"]["full"]
+            assert all(map(math.isfinite, d["losses"]))
+        for k in ("default", "topk-all"):
             assert len({o[f"{api}-{k}"]["full"] for o in out}) == 1, (api, k)
 
 
@@ -217,12 +345,20 @@ def test_exchange_encodes_without_a_residual_take_the_unbiased_scale():
         want = codec.encode(x, seed=3, stream=9, mode=mode, block_size=256,
                             unbiased=mode == "int2")
         assert torch.equal(slot[:want.body.numel()], want.body), mode
-        # with a residual: least squares
+        # with a residual: least squares; with one that drops blocks (int2-topk): unbiased
         e = torch.zeros_like(x)
         _encode(x, slot, seed=3, stream=9, plan=plan, residual=e, timers=Timers())
         want = codec.encode(x, seed=3, stream=9, mode=mode, block_size=256,
                             residual=torch.zeros_like(x))
         assert torch.equal(slot[:want.body.numel()], want.body), mode
+        for budget, unbiased in ((4 * x.numel(), False), (x.numel() // 10, True)):
+            top = res.make(x.numel(), res.TOPK, "cpu", budget=budget)
+            assert top.partial == unbiased
+            _encode(x, slot, seed=3, stream=9, plan=plan, residual=top[0:x.numel()],
+                    timers=Timers())
+            want = codec.encode(x, seed=3, stream=9, mode=mode, block_size=256,
+                                residual=torch.zeros_like(x), unbiased=unbiased and mode == "int2")
+            assert torch.equal(slot[:want.body.numel()], want.body), (mode, budget)
 
 
 @pytest.mark.parametrize("fmt", ["int4"])  # int8: the same path, other codes
@@ -276,15 +412,23 @@ def test_auto_resolves_by_hook():
     assert s.residual_dtype == "auto"
     assert s.residual_format() == "float32" and s.residual_format(fsdp=True) == "int4"
     assert [s.residual_format(fsdp=True, world=w) for w in (2, 7, 8, 12, 13, 64)] == [
-        "int4", "int4", "int2", "int2", "none", "none"]
+        "int4", "int4", "int2", "int2", res.TOPK, res.TOPK]
     assert s.residual_format(world=64) == "float32"
     # each form's bytes an element of the full gradient, against the shard's 4 / world
-    per = {"int4": 0.5 + 4 / 64, "int2": 0.25 + 4 / 64, "none": 0.0}
-    for w in range(2, 65):
-        f = s.residual_format(fsdp=True, world=w)
-        assert per[f] <= 4 / w, (w, f)
-        wider = {"none": "int2", "int2": "int4"}.get(f)
-        assert wider is None or per[wider] > 4 / w, (w, f)  # the widest that fits
+    per = {"int4": 0.5 + 4 / 64, "int2": 0.25 + 4 / 64}
+    seg = 64 * 10_000  # a unit's shard
+    for budget in (1.0, 0.5, 2.0):
+        b = tritter_comm.VSAState(residual_budget=budget)
+        for w in range(2, 129):
+            f = b.residual_format(fsdp=True, world=w)
+            wider = {res.TOPK: "int2", "int2": "int4"}.get(f)
+            assert wider is None or per[wider] > 4 * budget / w, (w, f)  # the widest that fits
+            if f == res.TOPK:
+                r = res.TopkResidual(w * seg, "meta", seg, res.TopkResidual.blocks_within(
+                    w * seg, seg, 4 * budget * seg))
+                assert r.partial and 0 < r.nbytes <= 4 * budget * seg, (w, budget)
+            else:
+                assert per[f] <= 4 * budget / w, (w, f)
     for fmt in ("float32", "bfloat16", "int8", "int4", "int2"):
         t = tritter_comm.VSAState(residual_dtype=fmt)
         assert t.residual_format() == t.residual_format(fsdp=True) == fmt

@@ -27,6 +27,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from types import MappingProxyType
@@ -41,7 +42,7 @@ ENV_SPEC = "TRITTER_COMM"
 ENV_CONFIG = "TRITTER_COMM_CONFIG"
 HOOKS = ("vsa", "none")
 
-RESIDUAL_DTYPES = ("auto", "float32", "bfloat16", "int8", "int4", "int2")
+RESIDUAL_DTYPES = ("auto", "float32", "bfloat16", "int8", "int4", "int2", "int2-topk")
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
@@ -100,17 +101,22 @@ class VSAConfig:
                       "this link and compress only where it is faster; every rank makes the "
                       "same choice (`stats()[\"auto\"]`)")
     residual_dtype: str = _opt("auto", "how residuals are stored: `\"auto\"`: under the FSDP "
-                               "hooks the widest form that fits in the rank's fp32 gradient "
-                               "shard, `\"int4\"` up to 7 ranks, `\"int2\"` up to 12, no client "
-                               "residual from 13 on (int2's unbiased scale instead), "
-                               "`\"float32\"` elsewhere; `\"float32\"`; "
-                               "`\"bfloat16\"` (half the memory); `\"int8\"`, `\"int4\"` or "
-                               "`\"int2\"` (codes with one f32 scale per 64 elements: 0.27x, "
-                               "0.14x and 0.078x of fp32). A client residual covers the whole "
-                               "gradient, so under FSDP fp32 residuals take N times the rank's "
-                               "gradient shard, int4 0.14 N times; ranks may differ here, and a "
-                               "checkpoint's residuals are converted to this format",
-                               agreed=False)
+                               "hooks the widest form that fits in `residual_budget` times the "
+                               "rank's fp32 gradient shard (`\"int4\"` up to 7 ranks, `\"int2\"` "
+                               "up to 12, then `\"int2-topk\"`), `\"float32\"` elsewhere; "
+                               "`\"float32\"`; `\"bfloat16\"` (half the memory); `\"int8\"`, "
+                               "`\"int4\"` or `\"int2\"` (codes with one f32 scale per 64 "
+                               "elements: 0.27x, 0.14x and 0.078x of fp32); `\"int2-topk\"`: "
+                               "int2 on the blocks of 64 of most energy, as many as fit in the "
+                               "budget, the rest dropped (FSDP; int2 where nothing is sharded). "
+                               "A client residual covers the whole gradient, so under FSDP fp32 "
+                               "residuals take N times the rank's gradient shard, int4 0.14 N "
+                               "times; ranks may differ here, and a checkpoint's residuals are "
+                               "converted to this format", agreed=False)
+    residual_budget: float = _opt(1.0, "the memory the FSDP hooks' client residuals may take, "
+                                  "in multiples of the rank's fp32 gradient shard: what "
+                                  "`residual_dtype=\"auto\"` fits its form to and what "
+                                  "`\"int2-topk\"` fills", agreed=False)
     intra_node_size: Optional[int] = _opt(None, "ranks a node (ranks `n*L .. n*L+L-1` share a fast "
                                           "link): reduce plainly inside the node and compress only "
                                           "across nodes (docs/USAGE.md, \"Node-aware exchange\"); "
@@ -144,6 +150,12 @@ class VSAConfig:
                 or self.intra_node_size < 1):
             raise ValueError(f"intra_node_size must be a positive int (the ranks on each node) or "
                              f"None (from LOCAL_WORLD_SIZE), got {self.intra_node_size!r}")
+        if (isinstance(self.residual_budget, bool)
+                or not isinstance(self.residual_budget, (int, float))
+                or not math.isfinite(self.residual_budget) or self.residual_budget <= 0):
+            raise ValueError(f"residual_budget must be a positive number (a multiple of the "
+                             f"rank's fp32 gradient shard), got {self.residual_budget!r}")
+        object.__setattr__(self, "residual_budget", float(self.residual_budget))
         if self.residual_dtype not in RESIDUAL_DTYPES:
             raise ValueError(f"residual_dtype must be one of {list(RESIDUAL_DTYPES)}, "
                              f"got {self.residual_dtype!r} (int8/int4/int2 store residuals "

@@ -20,7 +20,9 @@ An int2 encode without a residual (no error feedback in that phase) uses the unb
 (``codec.encode(..., unbiased=True)``): with fresh keys every step its decoded chunk is then an
 unbiased estimate of the input, where least squares' shrinks it by about 0.88 with nothing to
 carry the difference to a later step. An encode with a residual uses least squares, whose
-smaller error is what the residual keeps.
+smaller error is what the residual keeps; one with a partial residual (``int2-topk``, which drops
+its blocks of least energy) takes the unbiased scale, as the dropped blocks would lose their
+shrinkage.
 
 A rank whose input holds NaN or Inf sends bodies whose scales are NaN (its residual untouched);
 the owner's average is then NaN, it sends NaN scales on, and every rank decodes a NaN chunk, so
@@ -149,7 +151,8 @@ def _encode(x, slot, *, seed, stream, plan, residual, timers, phase=0) -> None:
     if residual is not None and residual.dtype != x.dtype:
         work = residual.to(x.dtype)
     mode_id = plan.mode2_id if phase else plan.mode_id
-    unbiased = residual is None and mode_id == MODES["int2"]
+    unbiased = (residual is None or getattr(residual, "partial", False)) \
+        and mode_id == MODES["int2"]
     body = slot[: body_len(n, mode_id, plan.block_log2)]
     if x.device.type != "cpu":  # the codec's torch/Triton backend
         bad = encode_body_or_poison_into(x, body, seed=seed, stream=stream, mode_id=mode_id,

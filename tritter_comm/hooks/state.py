@@ -27,12 +27,13 @@ __all__ = ["INT2_FSDP_MAX_WORLD", "INT4_FSDP_MAX_WORLD", "RELEASE_TIMEOUT", "VSA
 
 _STATE_VERSION = 1
 
-#: The most ranks at which the FSDP hooks' ``"auto"`` residuals are int4. int4 takes
-#: 0.5 + 4/64 = 0.5625 bytes an element of a unit's full gradient and the rank's fp32 gradient
-#: shard 4 / world, so it fits in the shard up to 7 ranks (0.98x there, 1.13x at 8).
+#: The most ranks at which the FSDP hooks' ``"auto"`` residuals are int4 (``residual_budget=1``).
+#: int4 takes 0.5 + 4/64 = 0.5625 bytes an element of a unit's full gradient and the rank's fp32
+#: gradient shard 4 / world, so it fits in the shard up to 7 ranks (0.98x there, 1.13x at 8).
 INT4_FSDP_MAX_WORLD = int(4 / _res.bytes_per_element("int4"))
 #: The most ranks at which they are int2: 0.25 + 4/64 = 0.3125 bytes an element, in the shard up
-#: to 12 ranks (0.63x at 8, 0.94x at 12, 1.02x at 13). From 13 on there is no client residual.
+#: to 12 ranks (0.63x at 8, 0.94x at 12, 1.02x at 13). From 13 on they are ``int2-topk``: int2 on
+#: the blocks of most energy, as many as fit in the shard (about 82% at 13 ranks, 17% at 64).
 INT2_FSDP_MAX_WORLD = int(4 / _res.bytes_per_element("int2"))
 _CONFIG_ROW_LEN = 32
 
@@ -282,9 +283,10 @@ class VSAState:
         saved = {"auto": False, "residual_dtype": "float32", "intra_node_size": None,
                  **state["config"]}
         saved.setdefault("phase2_mode", saved.get("mode"))  # one mode for both phases then
-        # residual_dtype may differ: the saved residuals are converted at their next use
+        # residual_dtype and residual_budget may differ: the saved residuals are converted at
+        # their next use
         diff = {k: (v, saved.get(k)) for k, v in self.config.to_dict().items()
-                if saved.get(k) != v and k != "residual_dtype"}
+                if saved.get(k) != v and k not in ("residual_dtype", "residual_budget")}
         if diff:
             raise ValueError(
                 "checkpoint was saved with a different configuration "
@@ -325,37 +327,42 @@ class VSAState:
     def residual_format(self, fsdp: bool = False, world: Optional[int] = None) -> str:
         """The format residuals are stored in: ``residual_dtype``, with ``"auto"`` resolved.
         For the FSDP hooks (``fsdp=True``) over ``world`` ranks, the widest form whose bytes fit
-        in the rank's fp32 gradient shard: ``"int4"`` up to ``INT4_FSDP_MAX_WORLD`` ranks (and
-        where nothing is sharded, ``world=None``), ``"int2"`` up to ``INT2_FSDP_MAX_WORLD``,
-        else ``"none"``: no client residual, and the int2 encodes that would have used it take
-        the unbiased scale (``exchange``). ``"float32"`` for the other hooks."""
+        in ``residual_budget`` times the rank's fp32 gradient shard: ``"int4"`` (up to
+        ``INT4_FSDP_MAX_WORLD`` ranks at a budget of 1, and where nothing is sharded,
+        ``world=None``), ``"int2"`` (up to ``INT2_FSDP_MAX_WORLD``), else ``"int2-topk"``, which
+        keeps as many blocks as fit; ``"float32"`` for the other hooks. ``"int2-topk"`` where
+        nothing is sharded (DDP, NO_SHARD: the whole gradient is the rank's to keep) is int2."""
         fmt = self.config.residual_dtype
         if fmt == "auto":
             if not fsdp:
                 return "float32"
-            if world is None or world <= INT4_FSDP_MAX_WORLD:
+            if world is None:
                 return "int4"
-            return "int2" if world <= INT2_FSDP_MAX_WORLD else "none"
+            room = 4 * self.config.residual_budget / world  # bytes an element of the full gradient
+            return next((f for f in ("int4", "int2") if _res.bytes_per_element(f) <= room),
+                        _res.TOPK)
+        if fmt == _res.TOPK and not (fsdp and world is not None):
+            return "int2"
         return fmt
 
     def _residual(self, store: dict, key: int, n: int, device,
                   segment: Optional[int] = None, fsdp: bool = False,
-                  world: Optional[int] = None) -> Optional[_res.Residual]:
+                  world: Optional[int] = None) -> _res.Residual:
         """The residual ``store[key]`` of ``n`` elements on ``device``, made (zero) where it is
         missing or of another size, converted where it is in another format (a checkpoint of
         another ``residual_dtype``). ``segment``: the length of the chunks the exchange slices
         it into, where they are not multiples of the codec's block (FSDP's shards); a narrow
         residual (int8, int4, int2) starts a block of scales at every one. ``fsdp``: asked by an
         FSDP hook; ``world``: the ranks its reduce-scatter shards over (``residual_format``;
-        None where nothing is sharded, NO_SHARD). ``None`` where that resolves to ``"none"``."""
+        None where nothing is sharded, NO_SHARD). An ``int2-topk`` residual may take
+        ``residual_budget`` times the rank's fp32 gradient shard, one segment: ``4 x segment``
+        bytes."""
         fmt = self.residual_format(fsdp, world)
-        if fmt == "none":
-            store.pop(key, None)  # e.g. a checkpoint's, from fewer ranks
-            return None
+        budget = (self.config.residual_budget * 4 * (segment or n)) if fmt == _res.TOPK else None
         r = store.get(key)
-        if r is not None and r.numel() == n and _res.fmt_of(r) != fmt:
+        if r is not None and r.numel() == n and not _res.is_form(r, fmt, segment, budget):
             dense = r.dequantize() if isinstance(r, _res.QuantizedResidual) else r
-            r = _res.make(n, fmt, device, segment)
+            r = _res.make(n, fmt, device, segment, budget)
             r.copy_(dense.to(device=device, dtype=torch.float32))
             store[key] = r
         if r is not None and (r.numel() != n or (
@@ -364,7 +371,7 @@ class VSAState:
             logger.info("bucket %d changed size (%d -> %d): residual reset", key, r.numel(), n)
             r = None
         if r is None:
-            r = _res.make(n, fmt, device, segment)
+            r = _res.make(n, fmt, device, segment, budget)
             store[key] = r
         elif r.device != torch.device(device):
             r = r.moved(device) if isinstance(r, _res.QuantizedResidual) else r.to(device)
