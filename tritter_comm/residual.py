@@ -275,7 +275,7 @@ class TopkResidual(QuantizedResidual):
         self.kept = int(kept)
         if self.kept < 0:
             raise ValueError(f"an int2-topk residual keeps a count of blocks, got {kept!r}")
-        ks = [k for _, _, _, k, _ in self._segments()]
+        ks = self._kept_per_segment()
         self.codes = torch.zeros(sum(ks) * self._block_bytes, dtype=torch.uint8, device=device)
         self.scales = torch.zeros(sum(ks), dtype=torch.float32, device=device)
         self.index = torch.cat([torch.arange(k, dtype=torch.int32) for k in ks]
@@ -288,15 +288,10 @@ class TopkResidual(QuantizedResidual):
         nseg = -(-int(n) // seg) if n else 1
         return max(0, int(budget // (nseg * TOPK_BLOCK_BYTES)))
 
-    def _segments(self):
-        """(lo, hi, first slot, kept, blocks) of each segment."""
-        slot, seg = 0, max(self.segment, 1)
-        for lo in range(0, self.n, seg):
-            hi = min(lo + seg, self.n)
-            nb = -(-(hi - lo) // BLOCK)
-            k = min(self.kept, nb)
-            yield lo, hi, slot, k, nb
-            slot += k
+    def _kept_per_segment(self) -> list[int]:
+        seg = max(self.segment, 1)
+        return [min(self.kept, -(-(min(lo + seg, self.n) - lo) // BLOCK))
+                for lo in range(0, self.n, seg)]
 
     def _segment(self, lo: int, hi: int) -> tuple[int, int, int]:
         """(first slot, kept, blocks) of the segment [lo, hi), which must be a whole one."""
