@@ -361,12 +361,14 @@ def test_exchange_encodes_without_a_residual_take_the_unbiased_scale():
             assert torch.equal(slot[:want.body.numel()], want.body), (mode, budget)
 
 
-@pytest.mark.parametrize("fmt", ["int4"])  # int8: the same path, other codes
+@pytest.mark.parametrize("fmt", ["int4", "int2-topk"])  # int8: the same path, other codes
 def test_fsdp_narrow_residual_resumes_exactly(fmt, tmp_path):
-    """Save at step 8 (parameters, optimizer, hook state with int codes and scales), resume in
-    fresh processes: the same parameters as the uninterrupted run, bit for bit."""
+    """Save at step 8 (parameters, optimizer, hook state with int codes and scales; int2-topk's
+    block indices too, at a budget that keeps about half the blocks), resume in fresh processes:
+    the same parameters as the uninterrupted run, bit for bit."""
     path = str(tmp_path / "ck")
-    hook = dict(HOOK, start_iter=4, residual_dtype=fmt)
+    hook = dict(HOOK, start_iter=4, residual_dtype=fmt,
+                **({"residual_budget": 0.1} if fmt == res.TOPK else {}))
     runs = {f"{api}-{k}": dict(api=api, steps=14, hook=hook, **kw)
             for api in APIS for k, kw in (("full", dict(save_at=8, save_path=f"{path}-{api}")),)}
     full = run(R.fsdp_suite, 2, runs, timeout=240)
@@ -379,6 +381,8 @@ def test_fsdp_narrow_residual_resumes_exactly(fmt, tmp_path):
             ck = torch.load(f"{path}-{api}.hook{rank}", weights_only=True)
             saved = next(iter(ck["residuals"].values()))
             assert saved["format"] == fmt and saved["codes"].dtype in (torch.int8, torch.uint8)
+            if fmt == res.TOPK:  # blocks dropped: fewer kept than the segment has
+                assert 0 < saved["kept"] < -(-saved["segment"] // res.BLOCK)
 
 
 def test_a_residual_of_another_format_is_converted_not_reset():
