@@ -22,7 +22,8 @@ parameter all-gathers are the same in every FSDP row and not counted. The eval l
 rank 0 from the gathered full model; "replicas" compares the gathered model across ranks.
 
 Issue 19 (the memory of error feedback): rows take hook options, e.g.
-``fsdp1-vsa-ternary:residual_dtype=float32`` (the FSDP rows' default is int4) or
+``fsdp1-vsa-ternary:residual_dtype=float32`` (the FSDP rows' default, "auto", is int4 up to 7
+ranks, int2 up to 12, then int2-topk), ``:residual_dtype=int2-topk:residual_budget=0.125`` or
 ``:error_feedback=False``; every table shows the hook
 state's memory a rank (``stats()["state_bytes"]``) against the rank's fp32 gradient shard and the
 model's own memory a rank, the gap against the same API's fp32-residual row, and a projection for
