@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
-    print(f"{args.steps} steps, measured every {args.every}, seeds {seeds} (mean over the seeds and the measured steps)\n")
+    print(f"{args.steps} steps, measured every {args.every}, seeds {seeds} "
+          "(mean over the seeds and the measured steps)\n")
     print("| workload | int2 (every block) | "
           + " | ".join(f"int2-topk, {n} ranks" for n in RANKS) + " |")
     print("|---|---:|" + "---:|" * len(RANKS))

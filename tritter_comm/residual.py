@@ -83,6 +83,11 @@ def _int2_encode(v: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, to
     return u[:, 0] | (u[:, 1] << 2) | (u[:, 2] << 4) | (u[:, 3] << 6), step
 
 
+def _nblocks(length: int) -> int:
+    """Blocks of :data:`BLOCK` that hold ``length`` elements (the last one may be short)."""
+    return -(-length // BLOCK)
+
+
 def _counts(nblocks: int, length: int, device) -> torch.Tensor:
     """Elements in each of the ``nblocks`` blocks of a segment piece of ``length``: 64, and the
     last block its own (its padding does not count)."""
@@ -135,13 +140,13 @@ class QuantizedResidual:
         return BLOCK * BITS[self.fmt] // 8
 
     def _seg_padded(self) -> int:
-        return -(-self.segment // BLOCK) * BLOCK
+        return _nblocks(self.segment) * BLOCK
 
     def _padded_len(self) -> int:
         if self.n == 0:
             return 0
         full, tail = divmod(self.n, self.segment)
-        return full * self._seg_padded() + -(-tail // BLOCK) * BLOCK
+        return full * self._seg_padded() + _nblocks(tail) * BLOCK
 
     def _pos(self, i: int) -> int:
         """Padded position of element ``i``."""
@@ -207,7 +212,7 @@ class QuantizedResidual:
                              f"(blocks of {BLOCK} restarting every {self.segment} elements)")
         if hi > lo and (hi - 1) // self.segment != lo // self.segment:
             raise ValueError(f"residual slice [{lo}:{hi}] crosses a segment of {self.segment}")
-        return p // BLOCK, -(-(p + hi - lo) // BLOCK)
+        return p // BLOCK, _nblocks(p + hi - lo)
 
     def _load(self, lo: int, hi: int) -> torch.Tensor:
         b0, b1 = self._range(lo, hi)
@@ -290,7 +295,7 @@ class TopkResidual(QuantizedResidual):
 
     def _kept_per_segment(self) -> list[int]:
         seg = max(self.segment, 1)
-        return [min(self.kept, -(-(min(lo + seg, self.n) - lo) // BLOCK))
+        return [min(self.kept, _nblocks(min(lo + seg, self.n) - lo))
                 for lo in range(0, self.n, seg)]
 
     def _segment(self, lo: int, hi: int) -> tuple[int, int, int]:
@@ -299,8 +304,8 @@ class TopkResidual(QuantizedResidual):
         if lo % seg or hi != min(lo + seg, self.n):
             raise ValueError(f"an int2-topk residual is read and written a whole segment of "
                              f"{self.segment} at a time, not [{lo}:{hi}]")
-        full = min(self.kept, -(-seg // BLOCK))  # every segment before the last is whole
-        nb = -(-(hi - lo) // BLOCK)
+        full = min(self.kept, _nblocks(seg))  # every segment before the last is whole
+        nb = _nblocks(hi - lo)
         return (lo // seg) * full, min(self.kept, nb), nb
 
     @property
@@ -309,7 +314,7 @@ class TopkResidual(QuantizedResidual):
 
     @property
     def partial(self) -> bool:
-        return self.n > 0 and self.kept < -(-min(self.segment, self.n) // BLOCK)
+        return self.n > 0 and self.kept < _nblocks(min(self.segment, self.n))
 
     @property
     def nbytes(self) -> int:
@@ -343,8 +348,7 @@ class TopkResidual(QuantizedResidual):
             idx = torch.topk(v.square().sum(dim=1), k, sorted=False).indices.sort().values
         else:
             idx = torch.arange(nb, device=self.device)
-        last = float((hi - lo) - (nb - 1) * BLOCK)  # the segment's last block: its own elements
-        count = torch.where(idx == nb - 1, last, float(BLOCK))
+        count = _counts(nb, hi - lo, self.device).index_select(0, idx)
         codes, step = _int2_encode(v.index_select(0, idx), count)
         idx = idx.to(torch.int32)
         per = self._block_bytes
@@ -430,7 +434,7 @@ def make(n: int, fmt: str, device, segment: Optional[int] = None,
     formats only); ``budget``: the bytes an ``int2-topk`` residual may take (None: every block)."""
     if fmt == TOPK:
         kept = (TopkResidual.blocks_within(n, segment, budget) if budget is not None
-                else -(-(segment or n) // BLOCK))
+                else _nblocks(segment or n))
         return TopkResidual(n, device, segment, kept)
     if fmt in FORMATS:
         return QuantizedResidual(n, fmt, device, segment)
@@ -470,7 +474,7 @@ def from_state(s: Union[torch.Tensor, dict]) -> Residual:
                          + "; expected " + " and ".join(f"{tuple(getattr(r, k).shape)}"
                                                        for k in names))
     if topk and s["index"].numel() and not (
-            0 <= int(s["index"].min()) and int(s["index"].max()) < -(-r.segment // BLOCK)):
+            0 <= int(s["index"].min()) and int(s["index"].max()) < _nblocks(r.segment)):
         raise ValueError(f"a saved {TOPK} residual has block indices outside its segments")
     for k in names:
         getattr(r, k).copy_(s[k])
@@ -484,7 +488,7 @@ def is_form(r: Residual, fmt: str, segment: Optional[int] = None,
     if fmt_of(r) != fmt:
         return False
     return fmt != TOPK or budget is None or r.kept == TopkResidual.blocks_within(
-        r.n, segment or r.n, budget)
+        r.n, segment, budget)
 
 
 def fmt_of(r: Residual) -> str:
